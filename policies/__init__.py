@@ -1,0 +1,5 @@
+"""Built-in policies, one module each; importing this package registers them all by name."""
+
+from policies import correlation
+
+__all__ = ["correlation"]

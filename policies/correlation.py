@@ -1,0 +1,63 @@
+"""correlation: one request id from the client through the logs to Ollama and back.
+
+The client's `X-Request-ID` is kept when it looks like an id (so a trace that
+started in the app stays one trace); otherwise the sidecar makes one. W3C
+`traceparent`/`tracestate` pass through untouched with the other end-to-end headers.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from typing import ClassVar
+
+import structlog
+from pydantic import BaseModel, ConfigDict, Field
+
+from sidecar.chain import Next, PolicyContext, register
+from sidecar.exchange import Exchange, Reply
+
+
+class CorrelationConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    header: str = Field(
+        "X-Request-ID",
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9-]+$",
+        description="Header that carries the request id in and out.",
+    )
+    trust_incoming: bool = Field(True, description="Keep a well-formed id the client sent.")
+    max_length: int = Field(128, ge=8, le=1024, description="Longest client id kept as is.")
+
+
+_SAFE_ID = re.compile(r"^[A-Za-z0-9._:/+=@-]+$")
+
+
+@register("correlation")
+class Correlation:
+    """Accept or make the request id, send it upstream, echo it, bind it to every log line."""
+
+    config_model: ClassVar[type[BaseModel]] = CorrelationConfig
+
+    def __init__(self, config: CorrelationConfig, context: PolicyContext) -> None:
+        self.header = config.header
+        self.trust_incoming = config.trust_incoming
+        self.max_length = config.max_length
+
+    def request_id_for(self, exchange: Exchange) -> str:
+        """The client's id when it is safe to log and forward, else a fresh one."""
+        if self.trust_incoming:
+            incoming = exchange.headers.get(self.header)
+            if incoming and len(incoming) <= self.max_length and _SAFE_ID.match(incoming):
+                return incoming
+        return uuid.uuid4().hex
+
+    async def __call__(self, exchange: Exchange, call_next: Next) -> Reply:
+        request_id = self.request_id_for(exchange)
+        exchange.request_id = request_id
+        exchange.upstream_headers[self.header] = request_id
+        exchange.response_headers[self.header] = request_id
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+        return await call_next(exchange)

@@ -1,0 +1,349 @@
+"""The sidecar server: routes, the per-request path, health, metrics and lifecycle.
+
+It runs on aiohttp's low-level `web.Server`: the sidecar matches its own small
+route table (with path normalisation no router does for it), so the
+Application's router and middleware machinery would be cost without use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+import structlog
+from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http_parser import RawRequestMessage
+from aiohttp.streams import StreamReader
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError
+
+from sidecar.chain import Next, Policy, PolicyContext, build_chain
+from sidecar.config import Settings
+from sidecar.errors import SidecarError, dialect_for_path, error_response
+from sidecar.exchange import Exchange, Reply
+from sidecar.observability import Metrics
+from sidecar.relay import ClientGone, relay
+from sidecar.routes import check_access, find_route
+from sidecar.upstream import Upstream
+
+log = structlog.get_logger("sidecar")
+access_log = structlog.get_logger("sidecar.access")
+
+_METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+@dataclass(slots=True)
+class Runtime:
+    """What one config builds: the chain and the policies in it. A reload swaps it whole."""
+
+    settings: Settings
+    chain: Next
+    policies: list[Policy] = field(default_factory=list)
+    allowed_management: frozenset[str] = frozenset()
+
+
+async def build_runtime(settings: Settings, metrics: Metrics, upstream: Upstream) -> Runtime:
+    """Instantiate the configured policies around the upstream and start those that need it."""
+    context = PolicyContext(settings=settings, metrics=metrics)
+    policies: list[Policy] = [entry.factory(entry.options, context) for entry in settings.policies]
+    for policy in policies:
+        start = getattr(policy, "start", None)
+        if start is not None:
+            await start()
+    return Runtime(
+        settings=settings,
+        chain=build_chain(policies, _validated(upstream.send)),
+        policies=policies,
+        allowed_management=frozenset(settings.management.allow),
+    )
+
+
+def _validated(send: Next) -> Next:
+    """The innermost step: the body must be a JSON object before it goes upstream.
+
+    It runs after the policies, so a 400 for a bad body still carries what they
+    add (the request id), and a policy that reads the body parses it only once.
+    """
+
+    async def send_valid(exchange: Exchange) -> Reply:
+        if exchange.route.json_body:
+            exchange.json  # noqa: B018 - parses once, raises the 400
+        return await send(exchange)
+
+    return send_valid
+
+
+async def close_runtime(runtime: Runtime) -> None:
+    for policy in reversed(runtime.policies):
+        close = getattr(policy, "close", None)
+        if close is not None:
+            await close()
+
+
+class Sidecar:
+    """One sidecar server: start it, point clients at `url`, stop it."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.upstream = Upstream(settings.upstream, self.metrics)
+        self.runtime: Runtime | None = None
+        self.draining = False
+        self.port = 0
+        self._in_flight = 0
+        self._idle: asyncio.Event | None = None
+        self._runner: web.ServerRunner | None = None
+        self._ready: tuple[float, bool, dict[str, Any]] = (-1e9, False, {})
+        self._ready_lock: asyncio.Lock | None = None
+        self._internal = {
+            "/healthz": self._healthz,
+            "/readyz": self._readyz,
+            "/metrics": self._metrics,
+        }
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.settings.listen.host}:{self.port}"
+
+    async def start(self) -> None:
+        """Open the upstream pool, build the chain and start listening."""
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._ready_lock = asyncio.Lock()
+        await self.upstream.start()
+        self.runtime = await build_runtime(self.settings, self.metrics, self.upstream)
+        limits = self.settings.limits
+        server = web.Server(
+            self.handle,
+            request_factory=self._make_request,
+            # Cancel the handler as soon as the client goes away, even while it
+            # waits for a slow upstream, so the upstream request is dropped too.
+            handler_cancellation=True,
+            access_log=None,
+            max_line_size=limits.max_header_size,
+            max_field_size=limits.max_header_size,
+        )
+        self._runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=1.0)
+        await self._runner.setup()
+        site = web.TCPSite(
+            self._runner, self.settings.listen.host, self.settings.listen.port, reuse_address=True
+        )
+        await site.start()
+        self.port = int(self._runner.addresses[0][1])
+        log.info(
+            "listening",
+            url=self.url,
+            upstream=self.upstream.base_url,
+            config=self.settings.summary(),
+        )
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: report not-ready, let open requests finish within `grace`, then close."""
+        self.draining = True
+        grace = self.settings.shutdown.grace if grace is None else grace
+        if self._idle is not None and not self._idle.is_set():
+            log.info("draining", in_flight=self._in_flight, grace_s=grace)
+            try:
+                await asyncio.wait_for(self._idle.wait(), grace)
+            except TimeoutError:
+                log.warning("drain_timeout", in_flight=self._in_flight)
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        if self.runtime is not None:
+            await close_runtime(self.runtime)
+        await self.upstream.close()
+        log.info("stopped")
+
+    def _make_request(
+        self,
+        message: RawRequestMessage,
+        payload: StreamReader,
+        protocol: RequestHandler,
+        writer: AbstractStreamWriter,
+        task: asyncio.Task[None],
+    ) -> web.BaseRequest:
+        return web.BaseRequest(
+            message,
+            payload,
+            protocol,
+            writer,
+            task,
+            asyncio.get_running_loop(),
+            client_max_size=self.settings.limits.max_body,
+        )
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        internal = self._internal.get(request.path)
+        if internal is not None and request.method in ("GET", "HEAD"):
+            return await internal(request)
+        return await self._proxy(request)
+
+    async def _proxy(self, request: web.BaseRequest) -> web.StreamResponse:
+        runtime = self.runtime
+        assert runtime is not None and self._idle is not None
+        started = time.perf_counter()
+        loop_started = asyncio.get_running_loop().time()
+        raw_path = request.rel_url.raw_path
+        dialect = dialect_for_path(raw_path)
+        route_name = "unmatched"
+        status = 0
+        exchange: Exchange | None = None
+        self._in_flight += 1
+        self._idle.clear()
+        self.metrics.in_flight.inc()
+        structlog.contextvars.clear_contextvars()
+        try:
+            match = find_route(raw_path)
+            route_name = match.route.name
+            check_access(match, request.method, runtime.allowed_management)
+            body = await self._read_body(request)
+            exchange = Exchange(
+                method=request.method,
+                route=match.route,
+                path=match.upstream_path,
+                query_string=request.rel_url.raw_query_string,
+                headers=request.headers,
+                body=body,
+                client=request.remote or "",
+                started_at=loop_started,
+            )
+            reply = await runtime.chain(exchange)
+            response = await relay(request, reply, exchange)
+            status = response.status
+            if self.draining:
+                response.force_close()
+            return response
+        except SidecarError as error:
+            status = error.status
+            response = error_response(error, dialect)
+            if exchange is not None and exchange.response_headers:
+                response.headers.update(exchange.response_headers)
+            if status == 413 or self.draining:
+                response.force_close()
+            return response
+        except (ClientGone, asyncio.CancelledError):
+            status = 499
+            raise
+        except Exception:
+            status = 500
+            log.exception("internal_error", route=route_name)
+            return error_response(
+                SidecarError(
+                    500,
+                    "internal error in the sidecar; its log has the details",
+                    code="internal_error",
+                ),
+                dialect,
+            )
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+            self._account(request, route_name, status, started, exchange)
+
+    async def _read_body(self, request: web.BaseRequest) -> bytes:
+        max_body = self.settings.limits.max_body
+        too_large = SidecarError(
+            413,
+            f"request body is larger than limits.max_body ({max_body} bytes)",
+            code="body_too_large",
+        )
+        length = request.content_length
+        if length is not None and length > max_body:
+            raise too_large
+        if not request.body_exists:
+            return b""
+        try:
+            return await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise too_large from None
+        except RequestPayloadError as exc:
+            raise SidecarError(400, f"malformed request body: {exc}", code="invalid_body") from None
+
+    def _account(
+        self,
+        request: web.BaseRequest,
+        route_name: str,
+        status: int,
+        started: float,
+        exchange: Exchange | None,
+    ) -> None:
+        """Metrics and the access line for one proxied request."""
+        duration = time.perf_counter() - started
+        metrics = self.metrics
+        metrics.in_flight.dec()
+        metrics.requests.labels(route_name, request.method, str(status)).inc()
+        metrics.duration.labels(route_name).observe(duration)
+        facts = exchange.facts if exchange is not None else {}
+        upstream_time = facts.get("upstream_time")
+        if upstream_time is not None:
+            metrics.overhead.labels(route_name).observe(max(duration - upstream_time, 0.0))
+        stream_error = facts.get("stream_error")
+        if stream_error is not None:
+            metrics.stream_interruptions.labels(route_name, stream_error).inc()
+        if not self.settings.logging.access_log:
+            return
+        model = stream = None
+        if exchange is not None and exchange._json_parsed:
+            model = exchange.model
+            stream = exchange.wants_stream
+        ttfb = facts.get("upstream_ttfb")
+        access_log.info(
+            "request",
+            request_id=exchange.request_id if exchange is not None else None,
+            method=request.method,
+            route=route_name,
+            model=model,
+            status=status,
+            stream=stream,
+            duration_ms=round(duration * 1000, 3),
+            upstream_ttfb_ms=round(ttfb * 1000, 3) if ttfb is not None else None,
+            bytes_in=len(exchange.body) if exchange is not None else 0,
+            bytes_out=facts.get("bytes_out", 0),
+            stream_error=stream_error,
+        )
+
+    async def _healthz(self, request: web.BaseRequest) -> web.StreamResponse:
+        return _json_response(200, {"status": "ok"})
+
+    async def _readyz(self, request: web.BaseRequest) -> web.StreamResponse:
+        if self.draining:
+            return _json_response(503, {"status": "draining"})
+        ready, detail = await self._check_upstream()
+        return _json_response(
+            200 if ready else 503, {"status": "ready" if ready else "not ready", **detail}
+        )
+
+    async def _check_upstream(self) -> tuple[bool, dict[str, Any]]:
+        """Ask the upstream, at most once per `readiness.cache_for`, however many probes come."""
+        assert self._ready_lock is not None
+        settings = self.settings.readiness
+        async with self._ready_lock:
+            now = time.monotonic()
+            checked_at, ready, detail = self._ready
+            if now - checked_at < settings.cache_for:
+                return ready, detail
+            upstream: dict[str, Any] = {"url": self.upstream.base_url}
+            try:
+                upstream["version"] = await self.upstream.probe(settings.timeout)
+                upstream["reachable"] = ready = True
+            except (TimeoutError, aiohttp.ClientError, SidecarError, OSError) as exc:
+                upstream["reachable"] = ready = False
+                upstream["error"] = str(exc) or exc.__class__.__name__
+            detail = {"upstream": upstream}
+            self._ready = (time.monotonic(), ready, detail)
+            return ready, detail
+
+    async def _metrics(self, request: web.BaseRequest) -> web.StreamResponse:
+        return web.Response(
+            body=self.metrics.render(), headers={"Content-Type": _METRICS_CONTENT_TYPE}
+        )
+
+
+def _json_response(status: int, document: dict[str, Any]) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(document), content_type="application/json")

@@ -1,0 +1,123 @@
+"""The policy chain: the Policy protocol, the registry of policies by name, and the builder.
+
+A policy is one object with one async method, `(exchange, call_next) -> Reply`,
+the Tower Layer / aiohttp middleware shape applied to the proxied exchange, so a
+policy sees the reply before anything reaches the client: it may call
+`call_next` again (retry), not at all (rate limit, cache) or wrap the stream.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, runtime_checkable
+
+from pydantic import BaseModel
+
+from sidecar.exchange import Exchange, Reply
+
+if TYPE_CHECKING:
+    from sidecar.config import Settings
+    from sidecar.observability import Metrics
+
+Next = Callable[[Exchange], Awaitable[Reply]]
+
+ENTRY_POINT_GROUP = "ollama_sidecar.policies"
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """One step of the chain. Optional `start()` / `close()` coroutines are called if present."""
+
+    async def __call__(self, exchange: Exchange, call_next: Next) -> Reply: ...
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyContext:
+    """What a policy may use when it is built: the whole settings and the metrics."""
+
+    settings: Settings
+    metrics: Metrics
+
+
+class PolicyFactory(Protocol):
+    """A policy class: its options model and a constructor taking (options, context)."""
+
+    config_model: ClassVar[type[BaseModel]]
+
+    def __call__(self, config: Any, context: PolicyContext) -> Policy: ...
+
+
+_BUILTINS: dict[str, PolicyFactory] = {}
+_FactoryT = TypeVar("_FactoryT")
+
+
+def register(name: str) -> Callable[[_FactoryT], _FactoryT]:
+    """Class decorator that makes a built-in policy available under `name` in the YAML."""
+
+    def decorate(factory: _FactoryT) -> _FactoryT:
+        _BUILTINS[name] = factory  # type: ignore[assignment]
+        return factory
+
+    return decorate
+
+
+class UnknownPolicy(LookupError):
+    """No policy by that name: not built in, not an entry point, not an importable `module:Class`."""
+
+
+def builtin_policy_names() -> list[str]:
+    """Names of the policies shipped in the `policies` package."""
+    _load_builtins()
+    return sorted(_BUILTINS)
+
+
+def find_policy(name: str) -> PolicyFactory:
+    """Resolve a YAML policy name: built-in, then entry point, then `module:Class`."""
+    _load_builtins()
+    if name in _BUILTINS:
+        return _BUILTINS[name]
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        if entry.name == name:
+            return _checked(name, entry.load())
+    if ":" in name:
+        module_name, _, attribute = name.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+            return _checked(name, getattr(module, attribute))
+        except (ImportError, AttributeError) as exc:
+            raise UnknownPolicy(f"cannot load policy {name!r}: {exc}") from None
+    known = ", ".join(builtin_policy_names())
+    raise UnknownPolicy(f"unknown policy {name!r}; built-in policies are: {known}")
+
+
+def _checked(name: str, candidate: object) -> PolicyFactory:
+    model = getattr(candidate, "config_model", None)
+    if not callable(candidate) or not (isinstance(model, type) and issubclass(model, BaseModel)):
+        raise UnknownPolicy(
+            f"{name!r} is not a policy: it needs a `config_model` (a pydantic model) "
+            "and a constructor taking (config, context)"
+        )
+    return candidate  # type: ignore[return-value]
+
+
+def _load_builtins() -> None:
+    # Importing the package registers every built-in policy module.
+    importlib.import_module("policies")
+
+
+def build_chain(policies: Sequence[Policy], terminal: Next) -> Next:
+    """Compose the policies around `terminal`, the first one outermost."""
+    handler = terminal
+    for policy in reversed(policies):
+        handler = _link(policy, handler)
+    return handler
+
+
+def _link(policy: Policy, call_next: Next) -> Next:
+    async def step(exchange: Exchange) -> Reply:
+        return await policy(exchange, call_next)
+
+    return step

@@ -1,0 +1,130 @@
+"""The proxied exchange: what policies see of a request, and the reply they pass back.
+
+Policies talk to each other only through an Exchange's fields and its `facts`
+dict, never through imports, so any policy can be left out or reordered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import orjson
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from sidecar.errors import SidecarError
+from sidecar.routes import Route
+
+StreamFormat = Literal["sse", "ndjson"]
+
+
+@dataclass(slots=True, eq=False)
+class Exchange:
+    """One client request on its way through the chain.
+
+    `body` is the raw bytes the client sent and is forwarded untouched unless a
+    policy calls `set_json`: the common case costs no re-serialisation.
+    """
+
+    method: str
+    route: Route
+    path: str
+    query_string: str
+    headers: CIMultiDictProxy[str]
+    body: bytes
+    client: str = ""
+    request_id: str = ""
+    started_at: float = 0.0
+    # Shared per-request facts: model, stream, tokens, cache result, attempts...
+    facts: dict[str, Any] = field(default_factory=dict)
+    # Extra headers a policy wants sent to the upstream / added to the client's reply.
+    upstream_headers: CIMultiDict[str] = field(default_factory=CIMultiDict)
+    response_headers: CIMultiDict[str] = field(default_factory=CIMultiDict)
+    _json: Any = None
+    _json_parsed: bool = False
+
+    @property
+    def json(self) -> Any:
+        """The body parsed once with orjson (None for routes without a JSON body)."""
+        if not self._json_parsed:
+            self._json = parse_json_object(self.body) if self.route.json_body else None
+            self._json_parsed = True
+        return self._json
+
+    def set_json(self, document: dict[str, Any]) -> None:
+        """Replace the body a policy rewrote (e.g. an aliased model)."""
+        self._json = document
+        self._json_parsed = True
+        self.body = orjson.dumps(document)
+
+    @property
+    def model(self) -> str | None:
+        """The `model` the client asked for, if the body names one as a string."""
+        document = self.json
+        if isinstance(document, dict):
+            model = document.get("model")
+            if isinstance(model, str):
+                return model
+            # /api/show and /api/embeddings accept the older `name`.
+            name = document.get("name")
+            if isinstance(name, str):
+                return name
+        return None
+
+    @property
+    def wants_stream(self) -> bool:
+        """Whether the client asked for a stream, with each API's own default."""
+        document = self.json
+        if isinstance(document, dict) and "stream" in document:
+            return document["stream"] is True
+        return self.route.stream_default
+
+
+@dataclass(slots=True, eq=False)
+class Reply:
+    """What comes back down the chain: status, headers and either bytes or a chunk stream.
+
+    A streamed reply's `chunks` is the upstream's byte stream, not yet read;
+    policies that watch a stream wrap it with their own async generator, which
+    must close the one it wraps (`contextlib.aclosing`), so that a client that
+    goes away closes the upstream connection at once.
+    """
+
+    status: int
+    headers: CIMultiDict[str]
+    body: bytes = b""
+    chunks: AsyncGenerator[bytes, None] | None = None
+    stream_format: StreamFormat | None = None
+
+
+def parse_json_object(body: bytes) -> dict[str, Any]:
+    """The body as a JSON object, or a 400 that says what is wrong with it."""
+    if not body.strip():
+        raise SidecarError(
+            400, "request body is empty; expected a JSON object", code="invalid_json"
+        )
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise SidecarError(
+            400, f"request body is not valid JSON: {exc}", code="invalid_json"
+        ) from None
+    if not isinstance(document, dict):
+        raise SidecarError(
+            400,
+            f"request body must be a JSON object, not {_json_kind(document)}",
+            code="invalid_json",
+        )
+    return document
+
+
+def _json_kind(value: Any) -> str:
+    kinds = {
+        list: "an array",
+        str: "a string",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+    }
+    return kinds.get(type(value), "null")

@@ -1,0 +1,300 @@
+"""The pooled client to Ollama: the innermost step of the chain.
+
+One long-lived ClientSession keeps connections alive between requests. A
+request that dies on a pooled connection before any response byte (the
+upstream closed an idle keep-alive connection just as the request went out)
+is sent once more on a connection opened for it alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator, Mapping
+from typing import Any
+
+import aiohttp
+import structlog
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from sidecar.config import UpstreamSettings
+from sidecar.errors import StreamInterrupted, UpstreamError
+from sidecar.exchange import Exchange, Reply, StreamFormat
+from sidecar.observability import Metrics
+from sidecar.streams import end_check, stream_format_of
+
+log = structlog.get_logger("sidecar.upstream")
+
+# RFC 9110 §7.6.1 hop-by-hop headers, plus what the sidecar sets itself.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+_NOT_FORWARDED_UP = HOP_BY_HOP | {
+    "host",
+    "content-length",
+    "content-encoding",
+    "accept-encoding",
+    "expect",
+}
+_NOT_FORWARDED_DOWN = HOP_BY_HOP | {"content-length", "content-encoding"}
+
+
+def _connection_tokens(headers: Mapping[str, str]) -> set[str]:
+    value = headers.get("Connection")
+    if not value:
+        return set()
+    return {token.strip().lower() for token in value.split(",")}
+
+
+def outgoing_headers(
+    client_headers: CIMultiDictProxy[str], extra: CIMultiDict[str], forward_authorization: bool
+) -> CIMultiDict[str]:
+    """The client's end-to-end headers for the upstream, plus what policies added."""
+    dropped = _NOT_FORWARDED_UP | _connection_tokens(client_headers)
+    if not forward_authorization:
+        dropped = dropped | {"authorization"}
+    headers: CIMultiDict[str] = CIMultiDict(
+        (name, value) for name, value in client_headers.items() if name.lower() not in dropped
+    )
+    # No compression inside the pod: it costs CPU on both sides and would hide
+    # the bytes from policies that watch them.
+    headers["Accept-Encoding"] = "identity"
+    for name, value in extra.items():
+        headers[name] = value
+    return headers
+
+
+def incoming_headers(upstream_headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    """The upstream's end-to-end response headers for the client."""
+    dropped = _NOT_FORWARDED_DOWN | _connection_tokens(upstream_headers)
+    return CIMultiDict(
+        (name, value) for name, value in upstream_headers.items() if name.lower() not in dropped
+    )
+
+
+class Upstream:
+    """Sends an Exchange to the upstream and returns its Reply, body unread for streams."""
+
+    def __init__(self, settings: UpstreamSettings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.base_url = settings.url
+        self._metrics = metrics
+        self._session: aiohttp.ClientSession | None = None
+        self._fresh_session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        """Open the pools; needs the running loop, hence not in __init__."""
+        timeouts = self.settings.timeouts
+        client_timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeouts.connect)
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(
+                limit=self.settings.max_connections,
+                limit_per_host=0,
+                keepalive_timeout=self.settings.keepalive or None,
+                enable_cleanup_closed=False,
+            ),
+            timeout=client_timeout,
+            # Cookies from one client's answer must never ride on another client's request.
+            cookie_jar=aiohttp.DummyCookieJar(),
+            auto_decompress=True,
+            skip_auto_headers=("User-Agent",),
+        )
+        self._fresh_session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(force_close=True, limit=0),
+            timeout=client_timeout,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            skip_auto_headers=("User-Agent",),
+        )
+
+    async def close(self) -> None:
+        for session in (self._session, self._fresh_session):
+            if session is not None:
+                await session.close()
+
+    async def send(self, exchange: Exchange) -> Reply:
+        """Relay `exchange`; raise UpstreamError when no answer could be had."""
+        assert self._session is not None and self._fresh_session is not None, "start() first"
+        loop = asyncio.get_running_loop()
+        timeouts = self.settings.timeouts
+        deadline = exchange.started_at + timeouts.total
+        target = self.base_url + exchange.path
+        if exchange.query_string:
+            target += "?" + exchange.query_string
+        url = URL(target, encoded=True)
+        headers = outgoing_headers(
+            exchange.headers, exchange.upstream_headers, self.settings.forward_authorization
+        )
+        data = exchange.body if exchange.body or exchange.method not in ("GET", "HEAD") else None
+        sent_at = loop.time()
+        try:
+            async with asyncio.timeout_at(min(sent_at + timeouts.first_byte, deadline)):
+                response = await self._request(exchange.method, url, headers, data)
+        except TimeoutError:
+            self._metrics.upstream_errors.labels("timeout").inc()
+            limit = "total" if deadline <= sent_at + timeouts.first_byte else "first_byte"
+            raise UpstreamError(
+                504,
+                f"the upstream at {self.base_url} did not answer in time ({limit} timeout)",
+                code="upstream_timeout",
+            ) from None
+        except aiohttp.ClientConnectorError as exc:
+            self._metrics.upstream_errors.labels("unreachable").inc()
+            raise UpstreamError(
+                502,
+                f"cannot connect to the upstream at {self.base_url}: {exc.strerror or exc}",
+                code="upstream_unreachable",
+            ) from None
+        except aiohttp.ClientError as exc:
+            self._metrics.upstream_errors.labels("disconnected").inc()
+            raise UpstreamError(
+                502,
+                f"the upstream at {self.base_url} closed the connection before answering: "
+                f"{exc.__class__.__name__}",
+                code="upstream_disconnected",
+            ) from None
+        headers_at = loop.time()
+        ttfb = headers_at - sent_at
+        facts = exchange.facts
+        facts["upstream_ttfb"] = ttfb
+        self._metrics.upstream_ttfb.labels(exchange.route.name).observe(ttfb)
+        stream_format: Any = stream_format_of(response.headers.get("Content-Type"))
+        reply_headers = incoming_headers(response.headers)
+        if stream_format is None:
+            body = await self._read_body(response, deadline, loop)
+            facts["upstream_time"] = facts.get("upstream_time", 0.0) + loop.time() - sent_at
+            return Reply(response.status, reply_headers, body=body)
+        return Reply(
+            response.status,
+            reply_headers,
+            chunks=self._stream(response, exchange, stream_format, deadline, sent_at),
+            stream_format=stream_format,
+        )
+
+    async def _request(
+        self, method: str, url: URL, headers: CIMultiDict[str], data: bytes | None
+    ) -> aiohttp.ClientResponse:
+        assert self._session is not None and self._fresh_session is not None
+        try:
+            return await self._session.request(
+                method, url, headers=headers, data=data, allow_redirects=False
+            )
+        except aiohttp.ClientConnectorError:
+            raise
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            # The keep-alive race: the pooled connection was closed by the upstream
+            # as the request went out, so nothing was processed. Once more, fresh.
+            self._metrics.keepalive_resends.inc()
+            log.info("upstream_resend_fresh_connection", reason=exc.__class__.__name__)
+            return await self._fresh_session.request(
+                method, url, headers=headers, data=data, allow_redirects=False
+            )
+
+    async def _read_body(
+        self, response: aiohttp.ClientResponse, deadline: float, loop: asyncio.AbstractEventLoop
+    ) -> bytes:
+        try:
+            async with asyncio.timeout_at(min(loop.time() + self.settings.timeouts.idle, deadline)):
+                return await response.read()
+        except TimeoutError:
+            response.close()
+            self._metrics.upstream_errors.labels("timeout").inc()
+            raise UpstreamError(
+                504,
+                "the upstream stopped sending its answer (idle timeout)",
+                code="upstream_timeout",
+            ) from None
+        except (aiohttp.ClientError, ConnectionError) as exc:
+            response.close()
+            self._metrics.upstream_errors.labels("disconnected").inc()
+            raise UpstreamError(
+                502,
+                f"the upstream broke off its answer: {exc.__class__.__name__}",
+                code="upstream_disconnected",
+            ) from None
+        finally:
+            response.release()
+
+    async def _stream(
+        self,
+        response: aiohttp.ClientResponse,
+        exchange: Exchange,
+        stream_format: StreamFormat,
+        deadline: float,
+        sent_at: float,
+    ) -> AsyncGenerator[bytes, None]:
+        """The upstream's stream chunk by chunk, raising StreamInterrupted unless it ends well.
+
+        A timer is armed only when no data is buffered, so a busy stream costs no
+        timer per chunk. Closing this generator (client gone) closes the upstream
+        connection at once, which makes Ollama stop generating.
+        """
+        loop = asyncio.get_running_loop()
+        idle = self.settings.timeouts.idle
+        content = response.content
+        check = end_check(exchange.route.stream_end, stream_format)
+        finished = False
+        try:
+            while True:
+                chunk = content.read_nowait(-1)
+                if not chunk:
+                    if content.at_eof():
+                        break
+                    try:
+                        async with asyncio.timeout_at(min(loop.time() + idle, deadline)):
+                            chunk = await content.readany()
+                    except TimeoutError:
+                        reason = "total" if loop.time() >= deadline else "idle"
+                        raise StreamInterrupted(
+                            f"the upstream stream stalled ({reason} timeout)",
+                            code="upstream_timeout",
+                        ) from None
+                    except (aiohttp.ClientError, ConnectionError) as exc:
+                        raise StreamInterrupted(
+                            f"the upstream connection broke mid-stream: {exc.__class__.__name__}"
+                        ) from None
+                    if not chunk:
+                        break
+                if check is not None:
+                    check.feed(chunk)
+                yield chunk
+            if check is not None and not check.complete():
+                raise StreamInterrupted(
+                    "the upstream stream ended before its final event",
+                    code="upstream_stream_incomplete",
+                )
+            finished = True
+        finally:
+            exchange.facts["upstream_time"] = (
+                exchange.facts.get("upstream_time", 0.0) + loop.time() - sent_at
+            )
+            if finished:
+                response.release()
+            else:
+                response.close()
+
+    async def probe(self, within: float) -> str:
+        """Check that the upstream answers at all; Ollama's version when it tells it.
+
+        Any answer below 500 counts as reachable, so an OpenAI-compatible server
+        without Ollama's /api/version (llama.cpp's, say) still makes the pod ready.
+        """
+        assert self._session is not None, "start() first"
+        async with asyncio.timeout(within):
+            async with self._session.get(self.base_url + "/api/version") as response:
+                if response.status >= 500:
+                    raise UpstreamError(502, f"GET /api/version answered {response.status}")
+                if response.status != 200:
+                    return "unknown"
+                document = await response.json(content_type=None)
+        version = document.get("version") if isinstance(document, dict) else None
+        return str(version or "unknown")
