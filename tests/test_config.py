@@ -13,7 +13,15 @@ from sidecar.units import parse_duration, parse_size
 
 @pytest.mark.parametrize(
     ("text", "seconds"),
-    [("250ms", 0.25), ("2s", 2.0), ("5m", 300.0), ("1h", 3600.0), ("1.5s", 1.5), (3, 3.0), ("7", 7.0)],
+    [
+        ("250ms", 0.25),
+        ("2s", 2.0),
+        ("5m", 300.0),
+        ("1h", 3600.0),
+        ("1.5s", 1.5),
+        (3, 3.0),
+        ("7", 7.0),
+    ],
 )
 def test_durations(text: object, seconds: float) -> None:
     assert parse_duration(text) == seconds
@@ -129,7 +137,9 @@ def test_check_config_valid_file_exits_0_with_a_summary(
     config.write_text("upstream:\n  url: http://127.0.0.1:1234/\n  timeouts: {first_byte: 2m}\n")
     assert main(["check-config", str(config)]) == 0
     out = capsys.readouterr().out.strip()
-    assert out.endswith("ok: listen 127.0.0.1:11435, upstream http://127.0.0.1:1234, 1 policy: correlation")
+    assert out.endswith(
+        "ok: listen 127.0.0.1:11435, upstream http://127.0.0.1:1234, 1 policy: correlation"
+    )
 
 
 @pytest.mark.parametrize(

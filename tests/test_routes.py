@@ -66,7 +66,9 @@ def test_a_double_encoded_slash_is_not_decoded_twice() -> None:
     assert caught.value.status == 404
 
 
-@pytest.mark.parametrize("raw", ["/", "/v1", "/v1/chat", "/api/pulls", "/v2/chat/completions", "/metrics2"])
+@pytest.mark.parametrize(
+    "raw", ["/", "/v1", "/v1/chat", "/api/pulls", "/v2/chat/completions", "/metrics2"]
+)
 def test_unknown_paths_are_404(raw: str) -> None:
     if raw == "/":
         assert find_route(raw).route.name == "/"
@@ -77,7 +79,9 @@ def test_unknown_paths_are_404(raw: str) -> None:
     assert caught.value.code == "unknown_route"
 
 
-@pytest.mark.parametrize("raw", ["/v1/chat%00/completions", "/api/chat%0d%0aX: y", "/api\\pull", "/api/%ff"])
+@pytest.mark.parametrize(
+    "raw", ["/v1/chat%00/completions", "/api/chat%0d%0aX: y", "/api\\pull", "/api/%ff"]
+)
 def test_control_characters_and_bad_encodings_are_400(raw: str) -> None:
     with pytest.raises(SidecarError) as caught:
         find_route(raw)

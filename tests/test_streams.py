@@ -12,7 +12,9 @@ NDJSON_OK = b'{"message":"x","done":false}\n{"message":"","done":true,"eval_coun
 NDJSON_NO_NEWLINE = NDJSON_OK.rstrip(b"\n")
 NDJSON_CUT = b'{"message":"x","done":false}\n{"message":"y","done":false}\n'
 NDJSON_TRUNCATED = b'{"message":"x","done":false}\n{"message":"","done":tr'
-EVENT_OK = b'event: message_start\ndata: {}\n\nevent: message_stop\ndata: {"type":"message_stop"}\n\n'
+EVENT_OK = (
+    b'event: message_start\ndata: {}\n\nevent: message_stop\ndata: {"type":"message_stop"}\n\n'
+)
 EVENT_CUT = b"event: message_start\ndata: {}\n\n"
 
 
@@ -44,7 +46,9 @@ def run(marker: str, stream_format: str, chunks: list[bytes]) -> bool:
         ("event:message_stop", "sse", EVENT_CUT, False),
     ],
 )
-def test_end_checks_survive_any_split(marker: str, stream_format: str, payload: bytes, complete: bool) -> None:
+def test_end_checks_survive_any_split(
+    marker: str, stream_format: str, payload: bytes, complete: bool
+) -> None:
     for chunks in splits(payload):
         assert run(marker, stream_format, chunks) is complete, chunks
 

@@ -1,0 +1,908 @@
+"""Overhead benchmark of the sidecar against a bare aiohttp proxy (the floor) and no proxy.
+
+One command (from the repository root)::
+
+    python bench/run.py            # ~2-3 min: all targets, all scenarios, 3 rounds
+    python bench/run.py --quick    # CI-sized, < 30 s
+
+Why it is built this way (see /work/shared/environment-notes.md, "Measuring a
+proxy on 2 cores"):
+
+* Pinning. The fake upstream, the load generator and this runner share core 1;
+  the proxy being measured has core 0 to itself. Unpinned, three processes fight
+  for two cores and the figures describe the scheduler.
+* CPU per request is the headline figure: the on-CPU time of the target's
+  process tree over a visit divided by the requests of that visit. It moves a
+  few percent between runs where latency moves tens of percent.
+* Interleaving. Every round measures each scenario in A/B/C/C/B/A order
+  (direct, floor, sidecar configs, then back), so slow drift of the machine
+  lands on every target alike, and ratios to the floor are taken within one run.
+* A cheap harness. ``fast_upstream.py`` and ``loadgen.py`` are plain asyncio
+  protocols with pre-built bytes; the runner reports how busy core 1 was and
+  flags visits where the harness, not the target, set the pace.
+
+Exit status: 0 fine; 1 a target answered with errors, stalled or died;
+2 ``--max-cpu-ratio`` exceeded; 3 ``--max-cpu-ratio`` given but no sidecar
+config could be measured on ``chat_c10``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+from loadgen import default_body, summarize_us
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+CONFIGS = BENCH / "configs"
+RESULTS = BENCH / "results"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PROXY_CORE, HARNESS_CORE = 0, 1
+LG_SATURATED = 0.85  # load generator alone above this share of a core: it set the pace
+CORE1_SATURATED = 0.90  # load generator + upstream above this: the harness set the pace
+DEFAULT_CONFIGS = {"passthrough": CONFIGS / "passthrough.yaml", "correlation": CONFIGS / "correlation.yaml"}
+CONFIG_TEXT = {"passthrough": "policies: []\n", "correlation": "policies:\n  - correlation: {}\n"}
+
+
+# --------------------------------------------------------------------------- scenarios
+@dataclass(frozen=True)
+class Scenario:
+    """A traffic shape; ``weight`` scales --requests so every visit lasts similar time."""
+
+    name: str
+    desc: str
+    kind: str  # json | sse | ndjson (what the load generator checks)
+    path: str
+    connections: int
+    weight: float
+    expect_events: int = 0
+    headers: tuple[str, ...] = ()
+    min_latency_ms: float = 0.0
+
+    @property
+    def streaming(self) -> bool:
+        return self.kind != "json"
+
+
+def build_scenarios(chunks: int, pace_ms: float) -> dict[str, Scenario]:
+    """All scenarios the runner knows; DEFAULT_SCENARIOS picks the default set."""
+    chat = "/v1/chat/completions"
+    return {
+        s.name: s
+        for s in (
+            Scenario("chat_c1", "non-stream chat, 1 connection", "json", chat, 1, 0.5),
+            Scenario("chat_c10", "non-stream chat, 10 connections", "json", chat, 10, 1.0),
+            Scenario("chat_c50", "non-stream chat, 50 connections", "json", chat, 50, 1.0),
+            Scenario(
+                "sse_c10",
+                f"SSE chat stream, {chunks} events back to back, 10 connections",
+                "sse",
+                chat,
+                10,
+                0.5,
+                expect_events=chunks + 1,
+            ),
+            Scenario(
+                "ndjson_c10",
+                f"Ollama /api/chat NDJSON stream, {chunks} lines back to back, 10 connections",
+                "ndjson",
+                "/api/chat",
+                10,
+                0.5,
+                expect_events=chunks,
+            ),
+            Scenario(
+                "sse_paced_c10",
+                f"SSE chat stream, {chunks} events {pace_ms:g} ms apart, 10 connections "
+                "(is each event forwarded as it comes?)",
+                "sse",
+                chat,
+                10,
+                0.05,
+                expect_events=chunks + 1,
+                headers=(f"X-Bench-Chunk-Delay-Ms: {pace_ms:g}",),
+                min_latency_ms=pace_ms * chunks * 0.9,
+            ),
+            Scenario("embed_c10", "embeddings, 10 connections", "json", "/v1/embeddings", 10, 0.5),
+        )
+    }
+
+
+DEFAULT_SCENARIOS = ("chat_c1", "chat_c10", "chat_c50", "sse_c10", "ndjson_c10", "sse_paced_c10")
+GUARD_SCENARIO = "chat_c10"
+
+
+# --------------------------------------------------------------------------- /proc
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{task}/children") as f:
+                out += [int(x) for x in f.read().split()]
+    return out
+
+
+def tree(pid: int) -> list[int]:
+    """The process and all its live descendants (a sidecar may fork workers)."""
+    seen, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        if p in seen:
+            continue
+        seen.append(p)
+        todo += _children(p)
+    return seen
+
+
+def cpu_ns(pid: int) -> tuple[int, int]:
+    """(precise, ticks) CPU time in ns of the process tree of ``pid``.
+
+    precise: sum of every live thread's on-CPU time from /proc/.../schedstat (ns
+    resolution). ticks: utime+stime (+ reaped children's cutime+cstime of the
+    root) from /proc/PID/stat, at 1/CLK_TCK resolution (10 ms). The kernel
+    derives the second from the first, so they agree over a run; the precise one
+    keeps short visits (``--quick``) from being dominated by 10 ms steps.
+    """
+    precise = ticks = 0
+    for i, p in enumerate(tree(pid)):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])
+            if i == 0:
+                ticks += int(fields[13]) + int(fields[14])
+            for task in os.listdir(f"/proc/{p}/task"):
+                with contextlib.suppress(OSError), open(f"/proc/{p}/task/{task}/schedstat") as f:
+                    precise += int(f.read().split()[0])
+        except (OSError, IndexError, ValueError):
+            continue
+    return precise, ticks * 1_000_000_000 // CLK_TCK
+
+
+def peak_rss_kib(pid: int) -> tuple[int, int]:
+    """(root, tree) VmHWM in KiB: the peak resident set since the process started."""
+    root = total = 0
+    for i, p in enumerate(tree(pid)):
+        with contextlib.suppress(OSError), open(f"/proc/{p}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    kib = int(line.split()[1])
+                    total += kib
+                    root = kib if i == 0 else root
+                    break
+    return root, total
+
+
+# --------------------------------------------------------------------------- processes
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def can_pin() -> bool:
+    return hasattr(os, "sched_getaffinity") and {PROXY_CORE, HARNESS_CORE} <= os.sched_getaffinity(0)
+
+
+def spawn(
+    cmd: list[str], core: int | None, stdout: int | IO[Any] | None, stderr: int | IO[Any] | None
+) -> subprocess.Popen[bytes]:
+    """Start a process in its own session (so we can stop its whole group), pinned."""
+    if core is not None:
+        if shutil.which("taskset"):
+            cmd = ["taskset", "-c", str(core), *cmd]  # taskset execs: same pid
+        else:
+            pin_to = core
+
+            def _pin() -> None:
+                os.sched_setaffinity(0, {pin_to})
+
+            return subprocess.Popen(
+                cmd, cwd=REPO, stdout=stdout, stderr=stderr, start_new_session=True, preexec_fn=_pin
+            )
+    return subprocess.Popen(cmd, cwd=REPO, stdout=stdout, stderr=stderr, start_new_session=True)
+
+
+def stop(proc: subprocess.Popen[Any] | None) -> None:
+    """SIGTERM the process group we started, SIGKILL it if it lingers."""
+    if proc is None or proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+
+
+def http_get(port: int, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        r = conn.getresponse()
+        return r.status, r.read()
+    finally:
+        conn.close()
+
+
+def wait_ready(proc: subprocess.Popen[Any], port: int, path: str, timeout: float) -> str | None:
+    """Poll ``GET path`` until 200; return why not, or None when ready."""
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return f"exited with status {proc.returncode} before answering"
+        try:
+            status, body = http_get(port, path, 1.0)
+            if status == 200:
+                return None
+            last = f"GET {path} -> {status} {body[:200]!r}"
+        except OSError as exc:
+            last = repr(exc)
+        time.sleep(0.05)
+    return f"not ready after {timeout:.0f} s ({last})"
+
+
+def sidecar_usable() -> str | None:
+    """Why ``python -m sidecar serve`` cannot run here, or None if it can."""
+    if not (REPO / "sidecar" / "__main__.py").exists() and not (REPO / "sidecar" / "cli.py").exists():
+        return "sidecar/__main__.py and sidecar/cli.py do not exist yet"
+    try:
+        r = subprocess.run(
+            [sys.executable, "-m", "sidecar", "serve", "--help"],
+            cwd=REPO,
+            capture_output=True,
+            timeout=60,
+        )
+    except subprocess.TimeoutExpired:
+        return "`python -m sidecar serve --help` did not finish in 60 s"
+    if r.returncode != 0:
+        tail = (r.stderr or r.stdout).decode(errors="replace").strip().splitlines()[-6:]
+        return f"`python -m sidecar serve --help` exited {r.returncode}: " + " | ".join(tail)
+    return None
+
+
+def sidecar_cmd(config: Path, port: int, upstream_port: int) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "sidecar",
+        "serve",
+        "--config",
+        str(config),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--upstream",
+        f"http://127.0.0.1:{upstream_port}",
+    ]
+
+
+def diagnose_start(cmd: list[str], core: int | None) -> str:
+    """Re-run a sidecar that failed to start, this time keeping stderr, to say why."""
+    p = spawn(cmd, core, subprocess.DEVNULL, subprocess.PIPE)
+    try:
+        _, err = p.communicate(timeout=8)
+    except subprocess.TimeoutExpired:
+        stop(p)
+        err = p.stderr.read() if p.stderr else b""
+    lines = err.decode(errors="replace").strip().splitlines()[-8:]
+    return " | ".join(lines) or "(nothing on stderr)"
+
+
+class LoadGen:
+    """The load generator worker process: one JSON job in, one JSON result out."""
+
+    def __init__(self, core: int | None) -> None:
+        cmd = [sys.executable, str(BENCH / "loadgen.py"), "--stdin"]
+        if core is not None:
+            cmd += ["--cpu", str(core)]
+        self.proc = subprocess.Popen(
+            cmd, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True
+        )
+
+    def run(self, job: dict[str, Any]) -> dict[str, Any]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(orjson.dumps(job) + b"\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("load generator died")
+        res: dict[str, Any] = orjson.loads(line)
+        if "fatal" in res:
+            raise RuntimeError(f"load generator failed: {res['fatal']}")
+        return res
+
+    def close(self) -> None:
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            stop(self.proc)
+
+
+# --------------------------------------------------------------------------- targets
+@dataclass
+class Target:
+    """Something the load generator can be pointed at."""
+
+    name: str
+    role: str  # direct | floor | sidecar
+    port: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+    pid: int = 0
+    config: str | None = None
+    skipped: str | None = None  # why it is not measured
+    died: str | None = None
+
+    def alive(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            self.died = self.died or f"exited with status {self.proc.returncode} during the run"
+        return self.skipped is None and self.died is None
+
+
+@dataclass
+class Visit:
+    """One measured pass of one scenario against one target."""
+
+    target: str
+    scenario: str
+    round: int
+    leg: str  # "fwd" | "back"
+    requests: int
+    ok: int
+    errors: int
+    timed_out: bool
+    stalled: int
+    wall_s: float
+    lg_cpu_s: float
+    target_cpu_ns: int
+    target_cpu_ticks_ns: int
+    upstream_cpu_ns: int
+    error_samples: list[str] = field(default_factory=list)
+    lat_us: list[int] = field(default_factory=list, repr=False)
+    ttfc_us: list[int] = field(default_factory=list, repr=False)
+    spread_us: list[int] = field(default_factory=list, repr=False)
+
+    @property
+    def done(self) -> int:
+        return self.ok + self.errors
+
+
+# --------------------------------------------------------------------------- runner
+class Bench:
+    """Owns the processes, runs the visits, aggregates and reports."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.pin = can_pin() and not args.no_pin
+        self.scen_all = build_scenarios(args.chunks, args.pace_ms)
+        self.scenarios = [self.scen_all[n] for n in args.scenarios]
+        self.targets: list[Target] = []
+        self.upstream: subprocess.Popen[bytes] | None = None
+        self.upstream_port = 0
+        self.lg: LoadGen | None = None
+        self.visits: list[Visit] = []
+        self.warmup_errors: dict[str, list[str]] = {}
+        self.notes: list[str] = []
+        self._devnull = open(os.devnull, "wb")  # noqa: SIM115 - lives as long as the run
+
+    def core(self, which: int) -> int | None:
+        return which if self.pin else None
+
+    def log(self, msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    # -- setup ------------------------------------------------------------------
+    def start(self) -> None:
+        if self.pin:
+            os.sched_setaffinity(0, {HARNESS_CORE})  # the runner idles beside the harness
+        else:
+            self.notes.append("no CPU pinning (fewer than 2 usable cores or --no-pin)")
+        self.upstream_port = free_port()
+        self.upstream = spawn(
+            [
+                sys.executable,
+                str(BENCH / "fast_upstream.py"),
+                "--port",
+                str(self.upstream_port),
+                "--chunks",
+                str(self.args.chunks),
+            ],
+            self.core(HARNESS_CORE),
+            self._devnull,
+            None,
+        )
+        why = wait_ready(self.upstream, self.upstream_port, "/api/version", 15)
+        if why:
+            raise SystemExit(f"fast_upstream failed to start: {why}")
+        self.lg = LoadGen(self.core(HARNESS_CORE))
+        wanted = self.args.targets
+        self.targets.append(
+            Target("direct", "direct", self.upstream_port, None, self.upstream.pid)
+        )
+        self.targets.append(Target("floor", "floor"))
+        for name, path in self.args.configs.items():
+            self.targets.append(Target(name, "sidecar", config=str(path)))
+        if wanted:
+            self.targets = [t for t in self.targets if t.name in wanted or t.role == "direct"]
+        sidecars = [t for t in self.targets if t.role == "sidecar"]
+        why_not = sidecar_usable() if sidecars else None
+        for t in self.targets:
+            if t.role == "floor":
+                t.port = free_port()
+                t.proc = spawn(
+                    [
+                        sys.executable,
+                        str(BENCH / "floor.py"),
+                        "--port",
+                        str(t.port),
+                        "--upstream",
+                        f"http://127.0.0.1:{self.upstream_port}",
+                    ],
+                    self.core(PROXY_CORE),
+                    self._devnull,
+                    None,
+                )
+                why = wait_ready(t.proc, t.port, "/api/version", 20)
+                if why:
+                    raise SystemExit(f"floor.py failed to start: {why}")
+                t.pid = t.proc.pid
+            elif t.role == "sidecar":
+                if why_not:
+                    t.skipped = why_not
+                    self.log(f"SKIP sidecar config {t.name!r}: {why_not}")
+                    continue
+                assert t.config is not None
+                if not Path(t.config).exists():
+                    t.skipped = f"config file {t.config} not found"
+                    self.log(f"SKIP sidecar config {t.name!r}: {t.skipped}")
+                    continue
+                t.port = free_port()
+                cmd = sidecar_cmd(Path(t.config), t.port, self.upstream_port)
+                # stdout (the JSON access log) and stderr go to /dev/null: writing the
+                # access line is part of the cost, reading it is not.
+                t.proc = spawn(cmd, self.core(PROXY_CORE), self._devnull, self._devnull)
+                why = wait_ready(t.proc, t.port, "/healthz", self.args.start_timeout)
+                if why:
+                    stop(t.proc)
+                    t.skipped = f"did not start: {why}; stderr: {diagnose_start(cmd, None)}"
+                    self.log(f"SKIP sidecar config {t.name!r}: {t.skipped}")
+                    t.proc = None
+                    continue
+                t.pid = t.proc.pid
+                self.log(f"sidecar {t.name!r} ready on :{t.port} (pid {t.pid}, {t.config})")
+
+    def close(self) -> None:
+        if self.lg:
+            self.lg.close()
+        for t in self.targets:
+            stop(t.proc)
+        stop(self.upstream)
+        self._devnull.close()
+
+    # -- measuring ----------------------------------------------------------------
+    def n_requests(self, sc: Scenario, base: int) -> int:
+        return max(sc.connections * 2, round(base * sc.weight))
+
+    def job(self, t: Target, sc: Scenario, n: int) -> dict[str, Any]:
+        return {
+            "host": "127.0.0.1",
+            "port": t.port,
+            "path": sc.path,
+            "kind": sc.kind,
+            "method": "POST",
+            "body": default_body(sc.kind, sc.path).decode(),
+            "connections": sc.connections,
+            "requests": n,
+            "duration_s": self.args.max_visit_s,
+            "timeout_s": self.args.max_visit_s + self.args.stall_timeout,
+            "expect_events": sc.expect_events,
+            "headers": list(sc.headers),
+            "min_latency_ms": sc.min_latency_ms,
+        }
+
+    def visit(self, t: Target, sc: Scenario, n: int, rnd: int, leg: str) -> Visit | None:
+        assert self.lg is not None and self.upstream is not None
+        if not t.alive():
+            return None
+        c0, k0 = cpu_ns(t.pid)
+        u0 = cpu_ns(self.upstream.pid)[0]
+        res = self.lg.run(self.job(t, sc, n))
+        c1, k1 = cpu_ns(t.pid)
+        u1 = cpu_ns(self.upstream.pid)[0]
+        v = Visit(
+            target=t.name,
+            scenario=sc.name,
+            round=rnd,
+            leg=leg,
+            requests=n,
+            ok=res["ok"],
+            errors=res["errors"],
+            timed_out=res["timed_out"],
+            stalled=res["stalled"],
+            wall_s=res["wall_s"],
+            lg_cpu_s=res["cpu_s"],
+            target_cpu_ns=c1 - c0,
+            target_cpu_ticks_ns=k1 - k0,
+            upstream_cpu_ns=u1 - u0,
+            error_samples=res["error_samples"],
+            lat_us=res["lat_us"],
+            ttfc_us=res["ttfc_us"],
+            spread_us=res["spread_us"],
+        )
+        if v.errors or v.timed_out:
+            self.log(
+                f"  ! {t.name}/{sc.name} round {rnd} {leg}: {v.errors} errors"
+                + (f", TIMED OUT with {v.stalled} requests in flight" if v.timed_out else "")
+                + (f"; first: {v.error_samples[0]}" if v.error_samples else "")
+            )
+        t.alive()
+        return v
+
+    def warmup(self) -> None:
+        """Fill connection pools, JIT-less caches and allocator arenas before measuring."""
+        assert self.lg is not None
+        for t in self.targets:
+            if not t.alive():
+                continue
+            for sc in self.scenarios:
+                n = max(sc.connections * 2, round(self.args.warmup * max(sc.weight, 0.1)))
+                res = self.lg.run(self.job(t, sc, n))
+                if res["errors"] or res["timed_out"]:
+                    msg = (
+                        f"{res['errors']} errors"
+                        + (", timed out" if res["timed_out"] else "")
+                        + (f"; first: {res['error_samples'][0]}" if res["error_samples"] else "")
+                    )
+                    self.warmup_errors.setdefault(t.name, []).append(f"{sc.name}: {msg}")
+                    self.log(f"  ! warm-up {t.name}/{sc.name}: {msg}")
+
+    def measure(self) -> None:
+        live = [t for t in self.targets if t.alive()]
+        order = live + live[::-1]
+        legs = ["fwd"] * len(live) + ["back"] * len(live)
+        for rnd in range(1, self.args.rounds + 1):
+            for sc in self.scenarios:
+                n = self.n_requests(sc, self.args.requests)
+                t0 = time.monotonic()
+                for t, leg in zip(order, legs, strict=True):
+                    v = self.visit(t, sc, n, rnd, leg)
+                    if v is not None:
+                        self.visits.append(v)
+                self.log(
+                    f"round {rnd}/{self.args.rounds} {sc.name:<14} {n:>5} req x "
+                    f"{len(order)} visits in {time.monotonic() - t0:5.1f} s"
+                )
+
+    # -- aggregation ----------------------------------------------------------------
+    def aggregate(self) -> dict[str, dict[str, dict[str, Any]]]:
+        out: dict[str, dict[str, dict[str, Any]]] = {}
+        for t in self.targets:
+            if t.skipped:
+                continue
+            per: dict[str, dict[str, Any]] = {}
+            rss = peak_rss_kib(t.pid) if t.pid and t.died is None else (0, 0)
+            for sc in self.scenarios:
+                vs = [v for v in self.visits if v.target == t.name and v.scenario == sc.name]
+                if not vs:
+                    continue
+                done = sum(v.done for v in vs)
+                ok = sum(v.ok for v in vs)
+                wall = sum(v.wall_s for v in vs)
+                cpu = sum(v.target_cpu_ns for v in vs)
+                per_visit = [v.target_cpu_ns / v.done / 1e6 for v in vs if v.done]
+                mean = sum(per_visit) / len(per_visit) if per_visit else math.nan
+                lat = [x for v in vs for x in v.lat_us]
+                r: dict[str, Any] = {
+                    "visits": len(vs),
+                    "requests": done,
+                    "ok": ok,
+                    "errors": sum(v.errors for v in vs),
+                    "timeouts": sum(v.timed_out for v in vs),
+                    "stalled": sum(v.stalled for v in vs),
+                    "error_samples": [e for v in vs for e in v.error_samples][:5],
+                    "rps": ok / wall if wall else 0.0,
+                    "latency": summarize_us(lat),
+                    "cpu_ms_per_req": cpu / done / 1e6 if done else math.nan,
+                    "cpu_ticks_ms_per_req": sum(v.target_cpu_ticks_ns for v in vs) / done / 1e6
+                    if done
+                    else math.nan,
+                    "cpu_ms_per_req_visits": [round(x, 5) for x in per_visit],
+                    "cpu_visit_spread_pct": (max(per_visit) - min(per_visit)) / 2 / mean * 100
+                    if per_visit and mean
+                    else math.nan,
+                    "upstream_cpu_ms_per_req": sum(v.upstream_cpu_ns for v in vs) / done / 1e6
+                    if done
+                    else math.nan,
+                    "lg_cpu_util_max": max(v.lg_cpu_s / v.wall_s for v in vs if v.wall_s),
+                    "core1_util_max": max(
+                        (v.lg_cpu_s + v.upstream_cpu_ns / 1e9) / v.wall_s for v in vs if v.wall_s
+                    ),
+                    "target_core_util_max": max(
+                        v.target_cpu_ns / 1e9 / v.wall_s for v in vs if v.wall_s
+                    ),
+                    "peak_rss_mib": rss[0] / 1024,
+                    "peak_rss_tree_mib": rss[1] / 1024,
+                }
+                if sc.streaming:
+                    r["ttfc"] = summarize_us([x for v in vs for x in v.ttfc_us])
+                    r["spread"] = summarize_us([x for v in vs for x in v.spread_us])
+                per[sc.name] = r
+            out[t.name] = per
+        # Ratios and deltas need the reference rows.
+        direct, floor = out.get("direct", {}), out.get("floor", {})
+        for per in out.values():
+            for name, r in per.items():
+                d, f = direct.get(name), floor.get(name)
+                r["cpu_ratio_to_floor"] = (
+                    r["cpu_ms_per_req"] / f["cpu_ms_per_req"] if f and f["cpu_ms_per_req"] else None
+                )
+                r["added_p50_ms"] = (
+                    r["latency"]["p50_ms"] - d["latency"]["p50_ms"]
+                    if d and d["latency"] and r["latency"]
+                    else None
+                )
+                if "ttfc" in r and d and d.get("ttfc") and r["ttfc"]:
+                    r["added_ttfc_p50_ms"] = r["ttfc"]["p50_ms"] - d["ttfc"]["p50_ms"]
+                    r["spread_p50_vs_direct_ms"] = r["spread"]["p50_ms"] - d["spread"]["p50_ms"]
+        return out
+
+    # -- reporting --------------------------------------------------------------------
+    def table(self, results: dict[str, dict[str, dict[str, Any]]]) -> str:
+        lines: list[str] = []
+        for sc in self.scenarios:
+            rows = [(t, results[t.name][sc.name]) for t in self.targets if sc.name in results.get(t.name, {})]
+            if not rows:
+                continue
+            lines.append("")
+            lines.append(f"== {sc.name}: {sc.desc}")
+            head = (
+                f"{'target':<14}{'req/s':>8}{'p50 ms':>8}{'p99 ms':>8}{'+p50 ms':>9}"
+                f"{'CPU ms/req':>11}{'±%':>5}{'x floor':>8}{'RSS MiB':>8}{'lg%':>5}{'core1%':>7}"
+            )
+            if sc.streaming:
+                head += f"{'ttfc p50':>9}{'+ttfc':>7}{'spread p50':>11}{'Δspread':>8}"
+            lines.append(head + "  notes")
+            for t, r in rows:
+                lat = r["latency"] or {}
+                row = (
+                    f"{t.name:<14}{r['rps']:>8.0f}{lat.get('p50_ms', math.nan):>8.3f}"
+                    f"{lat.get('p99_ms', math.nan):>8.3f}{_f(r['added_p50_ms'], 9, '+.3f')}"
+                    f"{r['cpu_ms_per_req']:>11.4f}{r['cpu_visit_spread_pct']:>5.0f}"
+                    f"{_f(r['cpu_ratio_to_floor'], 8, '.2f')}{r['peak_rss_mib']:>8.1f}"
+                    f"{r['lg_cpu_util_max'] * 100:>5.0f}{r['core1_util_max'] * 100:>7.0f}"
+                )
+                if sc.streaming:
+                    tt, sp = r.get("ttfc") or {}, r.get("spread") or {}
+                    row += (
+                        f"{tt.get('p50_ms', math.nan):>9.3f}{_f(r.get('added_ttfc_p50_ms'), 7, '+.3f')}"
+                        f"{sp.get('p50_ms', math.nan):>11.3f}"
+                        f"{_f(r.get('spread_p50_vs_direct_ms'), 8, '+.3f')}"
+                    )
+                notes = []
+                if r["errors"]:
+                    notes.append(f"{r['errors']} ERRORS")
+                if r["timeouts"]:
+                    notes.append(f"{r['timeouts']} TIMEOUTS ({r['stalled']} stalled)")
+                if r["lg_cpu_util_max"] > LG_SATURATED:
+                    notes.append("loadgen saturated")
+                elif r["core1_util_max"] > CORE1_SATURATED:
+                    notes.append("harness-bound" if t.role == "direct" else "HARNESS-BOUND")
+                lines.append(row + "  " + ", ".join(notes))
+        return "\n".join(lines)
+
+    def report(self, results: dict[str, dict[str, dict[str, Any]]], elapsed: float) -> dict[str, Any]:
+        import aiohttp
+
+        meta = {
+            "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "elapsed_s": round(elapsed, 1),
+            "python": platform.python_version(),
+            "aiohttp": aiohttp.__version__,
+            "cpu_model": _cpu_model(),
+            "cpus": os.cpu_count(),
+            "pinned": self.pin,
+            "cores": {"proxy": PROXY_CORE, "harness": HARNESS_CORE} if self.pin else None,
+            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(self.args).items()},
+            "scenarios": {s.name: asdict(s) for s in self.scenarios},
+            "notes": self.notes,
+        }
+        prec = sum(v.target_cpu_ns for v in self.visits)
+        tick = sum(v.target_cpu_ticks_ns for v in self.visits)
+        meta["cpu_precise_vs_ticks"] = round(prec / tick, 4) if tick else None
+        return {
+            "meta": meta,
+            "targets": {
+                t.name: {
+                    "role": t.role,
+                    "config": t.config,
+                    "skipped": t.skipped,
+                    "died": t.died,
+                    "warmup_errors": self.warmup_errors.get(t.name, []),
+                }
+                for t in self.targets
+            },
+            "results": results,
+            "visits": [
+                {
+                    k: v
+                    for k, v in asdict(vis).items()
+                    if k not in ("lat_us", "ttfc_us", "spread_us")
+                }
+                for vis in self.visits
+            ],
+        }
+
+
+def _f(x: float | None, width: int, fmt: str) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-".rjust(width)
+    return format(x, fmt).rjust(width)
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Measure the sidecar's overhead against no proxy and a bare aiohttp proxy.",
+        epilog="Exit status: 0 ok, 1 errors/stalls/died, 2 --max-cpu-ratio exceeded, "
+        "3 --max-cpu-ratio could not be evaluated.",
+    )
+    p.add_argument("--quick", action="store_true", help="CI-sized run (< 30 s)")
+    p.add_argument("--requests", type=int, default=None, help="requests per visit at weight 1 (default 2000, quick 300)")
+    p.add_argument("--rounds", type=int, default=None, help="A/B/C/C/B/A rounds (default 3, quick 1)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up requests per target and scenario (default 300, quick 60)")
+    p.add_argument("--scenarios", default=",".join(DEFAULT_SCENARIOS), help="comma list; also: embed_c10")
+    p.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="measure another sidecar config (repeatable)",
+    )
+    p.add_argument("--no-default-configs", action="store_true", help="only the --config ones")
+    p.add_argument("--targets", default="", help="comma list of target names to keep (direct is always kept)")
+    p.add_argument("--max-cpu-ratio", type=float, default=None, help=f"fail if a sidecar's CPU/request on {GUARD_SCENARIO} exceeds this many times the floor's")
+    p.add_argument("--chunks", type=int, default=20, help="events per stream")
+    p.add_argument("--pace-ms", type=float, default=1.0, help="gap between events in sse_paced_c10")
+    p.add_argument("--max-visit-s", type=float, default=None, help="duration bound of one visit (default 6, quick 2)")
+    p.add_argument("--stall-timeout", type=float, default=20.0, help="seconds past the bound before a visit counts as stalled")
+    p.add_argument("--start-timeout", type=float, default=30.0, help="seconds for a sidecar to answer /healthz")
+    p.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
+    p.add_argument("--output", type=Path, default=RESULTS / "latest.json")
+    a = p.parse_args(argv)
+    q = a.quick
+    a.requests = a.requests or (300 if q else 2000)
+    a.rounds = a.rounds or (1 if q else 3)
+    a.warmup = a.warmup if a.warmup is not None else (60 if q else 300)
+    a.max_visit_s = a.max_visit_s or (2.0 if q else 6.0)
+    names = [s.strip() for s in a.scenarios.split(",") if s.strip()]
+    known = build_scenarios(a.chunks, a.pace_ms)
+    bad = [n for n in names if n not in known]
+    if bad:
+        p.error(f"unknown scenario(s) {bad}; known: {', '.join(known)}")
+    a.scenarios = names
+    configs: dict[str, Path] = {} if a.no_default_configs else dict(DEFAULT_CONFIGS)
+    for item in a.config:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            p.error(f"--config wants NAME=PATH, got {item!r}")
+        if name in ("direct", "floor"):
+            p.error(f"--config name {name!r} is reserved")
+        configs[name] = Path(path).resolve()
+    a.configs = configs
+    a.targets = {s.strip() for s in a.targets.split(",") if s.strip()}
+    return a
+
+
+def ensure_default_configs() -> None:
+    """Recreate the two default configs if someone deleted them (they are tiny)."""
+    CONFIGS.mkdir(exist_ok=True)
+    for name, path in DEFAULT_CONFIGS.items():
+        if not path.exists():
+            path.write_text(CONFIG_TEXT[name])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    ensure_default_configs()
+    t_start = time.monotonic()
+    bench = Bench(args)
+    try:
+        bench.start()
+        live = [t.name for t in bench.targets if t.alive()]
+        bench.log(f"targets: {', '.join(live)}; scenarios: {', '.join(args.scenarios)}; "
+                  f"{args.rounds} round(s); pinned: {bench.pin}")
+        bench.warmup()
+        bench.measure()
+        results = bench.aggregate()
+    finally:
+        bench.close()
+    report = bench.report(results, time.monotonic() - t_start)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(_finite(report), indent=2, allow_nan=False))
+    print(bench.table(results))
+    print()
+    for t in bench.targets:
+        if t.skipped:
+            print(f"skipped {t.name}: {t.skipped}")
+        if t.died:
+            print(f"DIED {t.name}: {t.died}")
+    print(
+        f"CPU ms/req: on-CPU time of the target's process tree per request; x floor: that / floor.py's. "
+        f"±%: half the spread across visits. core1%: load generator + upstream.\n"
+        f"wrote {args.output.relative_to(REPO) if args.output.is_relative_to(REPO) else args.output} "
+        f"in {time.monotonic() - t_start:.0f} s"
+    )
+    status = 0
+    bad = [
+        t.name
+        for t in bench.targets
+        if t.died or any(r["errors"] or r["timeouts"] for r in results.get(t.name, {}).values())
+    ]
+    if bad:
+        print(f"FAIL: errors, stalls or crashes in: {', '.join(bad)}")
+        status = 1
+    if args.max_cpu_ratio is not None:
+        ratios = {
+            t.name: results[t.name][GUARD_SCENARIO]["cpu_ratio_to_floor"]
+            for t in bench.targets
+            if t.role == "sidecar" and GUARD_SCENARIO in results.get(t.name, {})
+        }
+        ratios = {k: v for k, v in ratios.items() if v is not None}
+        if not ratios:
+            print(f"FAIL: --max-cpu-ratio given but no sidecar config was measured on {GUARD_SCENARIO}")
+            return 3
+        over = {k: v for k, v in ratios.items() if v > args.max_cpu_ratio}
+        for k, v in ratios.items():
+            verdict = "OVER" if k in over else "ok"
+            print(f"guard {k}: {v:.2f} x floor CPU/request on {GUARD_SCENARIO} (max {args.max_cpu_ratio}) {verdict}")
+        if over:
+            return 2
+    return status
+
+
+def _finite(x: Any) -> Any:
+    """NaN/inf -> None, so the JSON is strict (jq, browsers and orjson all read it)."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    if isinstance(x, (set, frozenset)):
+        return sorted(_finite(v) for v in x)
+    if isinstance(x, Path):
+        return str(x)
+    return x
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""Shared fixtures: a fake Ollama and sidecars pointed at it, all on 127.0.0.1 and free ports."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+
+from sidecar.app import Sidecar
+from sidecar.config import parse_settings
+from tests.fake_ollama import FakeOllama
+
+SidecarFactory = Callable[..., Awaitable[Sidecar]]
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeOllama]:
+    async with FakeOllama() as server:
+        yield server
+
+
+def settings_for(upstream_url: str, policies: list[Any] | None = None, **sections: Any) -> Any:
+    """Settings for a test sidecar on a free port; `sections` merge into the YAML mapping."""
+    raw: dict[str, Any] = {
+        "listen": {"host": "127.0.0.1", "port": 0},
+        "policies": [{"correlation": {}}] if policies is None else policies,
+        "logging": {"access_log": True},
+    }
+    upstream = {"url": upstream_url, **sections.pop("upstream", {})}
+    raw["upstream"] = upstream
+    raw.update(sections)
+    return parse_settings(raw)
+
+
+@pytest.fixture
+async def make_sidecar(fake: FakeOllama) -> AsyncIterator[SidecarFactory]:
+    started: list[Sidecar] = []
+
+    async def make(
+        policies: list[Any] | None = None, upstream_url: str | None = None, **sections: Any
+    ) -> Sidecar:
+        sidecar = Sidecar(settings_for(upstream_url or fake.url, policies, **sections))
+        await sidecar.start()
+        started.append(sidecar)
+        return sidecar
+
+    yield make
+    for sidecar in started:
+        await sidecar.stop(grace=0)
+
+
+@pytest.fixture
+async def sidecar(make_sidecar: SidecarFactory) -> Sidecar:
+    return await make_sidecar()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+async def raw_http(port: int, request: bytes, read_timeout: float = 5.0) -> tuple[int, bytes]:
+    """Send exact bytes (paths no client library would leave alone); return status and raw answer."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        async with asyncio.timeout(read_timeout):
+            answer = await reader.read(65536)
+            head = answer.split(b"\r\n", 1)[0]
+            while b"\r\n\r\n" not in answer:
+                more = await reader.read(65536)
+                if not more:
+                    break
+                answer += more
+    finally:
+        writer.close()
+    status = int(head.split(b" ")[1]) if head.startswith(b"HTTP/") else 0
+    return status, answer
