@@ -55,7 +55,7 @@ class SseEventCheck:
         # Keep enough of the previous chunk that a marker split across two is still found.
         window = self._window + chunk
         self._seen = any(marker in window for marker in self._markers)
-        self._window = chunk[-len(self._markers[0]) :]
+        self._window = window[-len(self._markers[0]) :]
 
     def complete(self) -> bool:
         return self._seen

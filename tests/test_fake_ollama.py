@@ -52,6 +52,11 @@ def sse_json(raw: bytes) -> list[Any]:
     return [orjson.loads(data) for _, data in sse_events(raw) if data != "[DONE]"]
 
 
+async def never(index: int) -> None:
+    """A between_chunks gate that stays shut: the stream hangs after chunk 0."""
+    await asyncio.Event().wait()
+
+
 async def post(
     session: aiohttp.ClientSession, fake: FakeOllama, path: str, body: Any
 ) -> tuple[int, str, bytes]:
@@ -346,6 +351,10 @@ async def test_delay_headers_waits_for_release(
     assert not done and len(fake.requests) == 1
     release.set()
     assert (await asyncio.wait_for(pending, 2))[0] == 200
+    fake.inject(Fault("delay_headers", delay=0.05))
+    started = asyncio.get_running_loop().time()
+    assert (await post(session, fake, "/api/chat", CHAT))[0] == 200
+    assert asyncio.get_running_loop().time() - started >= 0.05
 
 
 async def test_reset_after_cuts_the_chunked_body(
@@ -416,7 +425,7 @@ async def test_between_chunks_gates_each_chunk(
 
 
 async def test_stream_closed_by_peer(fake: FakeOllama, session: aiohttp.ClientSession) -> None:
-    fake.between_chunks = lambda index: asyncio.Event().wait()  # chunk 1 never comes
+    fake.between_chunks = never  # chunk 1 never comes
     async with session.post(fake.url + "/v1/chat/completions", json=CHAT | {"stream": True}) as r:
         assert (await asyncio.wait_for(r.content.readline(), 2)).startswith(b"data: ")
         assert fake.active_streams == 1
@@ -430,7 +439,7 @@ async def test_stop_ends_a_hanging_stream_without_blaming_the_peer(
 ) -> None:
     fake = FakeOllama()
     await fake.start()
-    fake.between_chunks = lambda index: asyncio.Event().wait()
+    fake.between_chunks = never
     async with session.post(fake.url + "/api/chat", json=CHAT) as response:
         await asyncio.wait_for(response.content.readline(), 2)
         await asyncio.wait_for(fake.stop(), 2)

@@ -37,7 +37,9 @@ async def test_readyz_checks_the_upstream_once_per_cache_period(
     assert [r.path for r in fake.requests] == ["/api/version"]
 
 
-async def test_readyz_turns_503_when_draining(sidecar: Sidecar, http: aiohttp.ClientSession) -> None:
+async def test_readyz_turns_503_when_draining(
+    sidecar: Sidecar, http: aiohttp.ClientSession
+) -> None:
     sidecar.draining = True
     async with http.get(f"{sidecar.url}/readyz") as response:
         assert response.status == 503
@@ -55,7 +57,10 @@ async def test_metrics_count_requests_latency_and_overhead(
         assert response.status == 200
         assert response.headers["Content-Type"].startswith("text/plain")
         text = await response.text()
-    assert 'ollama_sidecar_requests_total{method="POST",route="/v1/chat/completions",status="200"} 1.0' in text
+    assert (
+        'ollama_sidecar_requests_total{method="POST",route="/v1/chat/completions",status="200"} 1.0'
+        in text
+    )
     assert 'ollama_sidecar_requests_total{method="POST",route="unmatched",status="404"} 1.0' in text
     for name in (
         "ollama_sidecar_request_duration_seconds_bucket",

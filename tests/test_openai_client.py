@@ -11,7 +11,9 @@ from sidecar.app import Sidecar
 from tests.fake_ollama import FakeOllama, Fault
 
 MODEL = "llama3.2:latest"
-MESSAGES: list[openai.types.chat.ChatCompletionMessageParam] = [{"role": "user", "content": "say hello"}]
+MESSAGES: list[openai.types.chat.ChatCompletionMessageParam] = [
+    {"role": "user", "content": "say hello"}
+]
 EXPECTED_TEXT = "Hello from the fake Ollama."
 
 
@@ -50,7 +52,9 @@ async def test_async_completions_embeddings_models(client: openai.AsyncOpenAI) -
     completion = await client.completions.create(model=MODEL, prompt="say hello")
     assert completion.choices[0].text == EXPECTED_TEXT
     stream = await client.completions.create(model=MODEL, prompt="say hello", stream=True)
-    assert "".join([chunk.choices[0].text async for chunk in stream if chunk.choices]) == EXPECTED_TEXT
+    assert (
+        "".join([chunk.choices[0].text async for chunk in stream if chunk.choices]) == EXPECTED_TEXT
+    )
     embeddings = await client.embeddings.create(model="nomic-embed-text:latest", input=["a", "b"])
     assert [item.index for item in embeddings.data] == [0, 1]
     assert len(embeddings.data[0].embedding) == 8
@@ -63,12 +67,13 @@ async def test_async_completions_embeddings_models(client: openai.AsyncOpenAI) -
     assert (await client.models.retrieve(MODEL)).id == MODEL
 
 
-
 async def test_sync_client_in_a_thread(sync_client: openai.OpenAI) -> None:
     def calls() -> tuple[str | None, str, int, list[str]]:
         completion = sync_client.chat.completions.create(model=MODEL, messages=MESSAGES)
         stream = sync_client.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True)
-        streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+        streamed = "".join(
+            chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices
+        )
         embeddings = sync_client.embeddings.create(model="nomic-embed-text:latest", input="x")
         models = [model.id for model in sync_client.models.list()]
         return completion.choices[0].message.content, streamed, len(embeddings.data), models

@@ -48,7 +48,13 @@ async def start_process(*args: str, env: dict[str, str] | None = None) -> Sideca
     environment = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
     environment.update(env or {})
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "sidecar", "serve", "--port", "0", *args,
+        sys.executable,
+        "-m",
+        "sidecar",
+        "serve",
+        "--port",
+        "0",
+        *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
         env=environment,
@@ -110,13 +116,15 @@ async def test_grace_runs_out_and_the_process_still_exits_0(
         await never.wait()
 
     fake.between_chunks = hold
-    async with aiohttp.ClientSession() as http:
-        async with http.post(f"{running.url}/api/chat", json=CHAT) as stream:
-            await stream.content.readline()
-            running.process.send_signal(signal.SIGTERM)
-            await running.next_event("drain_timeout")
-            with pytest.raises(aiohttp.ClientPayloadError):
-                await stream.read()
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(f"{running.url}/api/chat", json=CHAT) as stream,
+    ):
+        await stream.content.readline()
+        running.process.send_signal(signal.SIGTERM)
+        await running.next_event("drain_timeout")
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await stream.read()
     await running.drain_output()
     assert await asyncio.wait_for(running.process.wait(), 10) == 0
     await asyncio.wait_for(fake.stream_closed_by_peer.wait(), 5)
@@ -126,8 +134,14 @@ async def test_invalid_config_exits_2_with_every_problem(tmp_path: Path) -> None
     config = tmp_path / "bad.yaml"
     config.write_text("listen: {port: -1}\npolicies: [{nope: {}}]\n")
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "sidecar", "serve", "--config", str(config),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "sidecar",
+        "serve",
+        "--config",
+        str(config),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     _, stderr = await asyncio.wait_for(process.communicate(), 30)
     assert process.returncode == 2
