@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
+from pydantic import BaseModel
 
 from sidecar.cli import main
-from sidecar.config import ConfigError, load_settings, parse_settings
+from sidecar.config import ConfigError, Settings, load_settings, parse_settings
 from sidecar.units import parse_duration, parse_size
 
 
@@ -177,3 +180,40 @@ def test_example_config_is_valid() -> None:
     example = Path(__file__).parent.parent / "examples" / "sidecar.yaml"
     settings = load_settings(example, environ={})
     assert settings.policies
+
+
+def _fields(model: type[BaseModel], prefix: str = "") -> list[tuple[str, Any]]:
+    found = []
+    for name, info in model.model_fields.items():
+        found.append((prefix + name, info))
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            found.extend(_fields(annotation, f"{prefix}{name}."))
+    return found
+
+
+def test_every_setting_has_a_description_and_a_default() -> None:
+    for path, info in _fields(Settings):
+        assert info.description, f"{path} has no one-line help"
+        assert not info.is_required(), f"{path} has no default"
+
+
+def test_the_example_shows_every_setting() -> None:
+    example = (Path(__file__).parent.parent / "examples" / "sidecar.yaml").read_text()
+    document = yaml.safe_load(example)
+    for path, _ in _fields(Settings):
+        node: Any = document
+        for part in path.split("."):
+            assert isinstance(node, dict) and part in node, f"examples/sidecar.yaml lacks {path}"
+            node = node[part]
+
+
+def test_third_party_policies_load_from_entry_points(monkeypatch: pytest.MonkeyPatch) -> None:
+    from importlib.metadata import EntryPoint
+
+    from sidecar import chain
+
+    entry = EntryPoint("tagger", "policies.correlation:Correlation", chain.ENTRY_POINT_GROUP)
+    monkeypatch.setattr(chain, "entry_points", lambda group: [entry] if group == entry.group else [])
+    settings = parse_settings({"policies": [{"tagger": {"header": "X-Trace"}}]})
+    assert settings.policies[0].factory.__name__ == "Correlation"

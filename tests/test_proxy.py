@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
+from aiohttp import web
 import orjson
 import pytest
 
@@ -390,3 +391,35 @@ async def test_management_route_reaches_upstream_only_when_allowed(
     ) as response:
         assert response.status == 200
     assert [r.path for r in fake.requests if r.path == "/api/pull"] == ["/api/pull"]
+
+
+async def test_client_disconnect_before_the_first_byte_cancels_the_upstream_request(
+    make_sidecar: SidecarFactory, http: aiohttp.ClientSession
+) -> None:
+    """A client that gives up while Ollama is still thinking must not leave Ollama thinking."""
+    arrived = asyncio.Event()
+    cancelled = asyncio.Event()
+
+    async def slow(request: web.BaseRequest) -> web.StreamResponse:
+        arrived.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return web.Response()
+
+    runner = web.ServerRunner(web.Server(slow, handler_cancellation=True))
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        sidecar = await make_sidecar(upstream_url=f"http://127.0.0.1:{runner.addresses[0][1]}")
+        request = asyncio.create_task(http.post(f"{sidecar.url}/v1/chat/completions", json=CHAT))
+        await asyncio.wait_for(arrived.wait(), 5)
+        request.cancel()
+        await asyncio.wait_for(cancelled.wait(), 5)
+        # The sidecar's own handler ends too: nothing is left in flight.
+        assert sidecar._idle is not None
+        await asyncio.wait_for(sidecar._idle.wait(), 5)
+    finally:
+        await runner.cleanup()
