@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
-from aiohttp import web
 import orjson
 import pytest
+from aiohttp import web
 
 from sidecar.app import Sidecar
 from tests.conftest import SidecarFactory
