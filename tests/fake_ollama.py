@@ -428,7 +428,20 @@ class _CountingServer(web.Server):
 
 
 class FakeOllama:
-    """An Ollama stand-in on 127.0.0.1, with recording and failure injection."""
+    """An Ollama stand-in on 127.0.0.1, with recording and failure injection.
+
+    What tests read and set:
+
+    - ``requests``: every request, recorded before any fault acts, so retries show up.
+    - ``chunks``: the pieces of text every generation produces, one per stream chunk.
+    - ``between_chunks(i)``: awaited before content chunk ``i`` (i >= 1) goes out,
+      and before a stream fault strikes at ``i``, so a test decides when each
+      byte exists and can prove the proxy forwards without buffering.
+    - ``stream_closed_by_peer``: set when the client hangs up mid-stream (not when
+      the fake cuts the stream itself, nor when ``stop()`` does).
+    - ``active_streams`` and ``connections_opened``: how many streams are being
+      written now, and how many TCP connections were accepted since ``start()``.
+    """
 
     def __init__(self, models: Sequence[str] = DEFAULT_MODELS) -> None:
         self.models: list[str] = list(models)
@@ -446,6 +459,11 @@ class FakeOllama:
         self._runner: web.ServerRunner | None = None
         self._stopping = False
         self._routes: dict[tuple[str, str], _Handler] = self._route_table()
+        self._prefixed_routes: dict[tuple[str, str], _Handler] = {
+            ("GET", "/v1/models/"): self._openai_model,
+            ("HEAD", "/api/blobs/"): self._management,
+            ("POST", "/api/blobs/"): self._management,
+        }
 
     # lifecycle
 
@@ -481,6 +499,7 @@ class FakeOllama:
         await self.stop()
 
     def inject(self, fault: Fault) -> None:
+        """Queue a fault; each generation request (POST to a model route) spends one."""
         self._faults.append(fault)
 
     def _count_connection(self) -> None:
@@ -521,12 +540,7 @@ class FakeOllama:
         handler = self._routes.get((method, path))
         if handler is not None:
             return handler, ""
-        prefixed: dict[tuple[str, str], _Handler] = {
-            ("GET", "/v1/models/"): self._openai_model,
-            ("HEAD", "/api/blobs/"): self._management,
-            ("POST", "/api/blobs/"): self._management,
-        }
-        for (route_method, prefix), candidate in prefixed.items():
+        for (route_method, prefix), candidate in self._prefixed_routes.items():
             if method == route_method and path.startswith(prefix) and len(path) > len(prefix):
                 return candidate, path[len(prefix) :]
         return None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import aiohttp
 import pytest
 
@@ -79,7 +81,7 @@ async def test_chunked_body_over_the_limit_is_413(
 ) -> None:
     sidecar = await make_sidecar(limits={"max_body": "1KiB"})
 
-    async def chunks():  # type: ignore[no-untyped-def]
+    async def chunks() -> AsyncIterator[bytes]:
         for _ in range(8):
             yield b'{"pad": "' + b"x" * 500 + b'"}'
 

@@ -214,6 +214,10 @@ def test_third_party_policies_load_from_entry_points(monkeypatch: pytest.MonkeyP
     from sidecar import chain
 
     entry = EntryPoint("tagger", "policies.correlation:Correlation", chain.ENTRY_POINT_GROUP)
-    monkeypatch.setattr(chain, "entry_points", lambda group: [entry] if group == entry.group else [])
+    monkeypatch.setattr(
+        chain, "entry_points", lambda group: [entry] if group == entry.group else []
+    )
     settings = parse_settings({"policies": [{"tagger": {"header": "X-Trace"}}]})
-    assert settings.policies[0].factory.__name__ == "Correlation"
+    from policies.correlation import Correlation
+
+    assert settings.policies[0].factory is Correlation
