@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -45,9 +46,7 @@ NO_STREAM_RE = re.compile(rb'"stream"\s*:\s*false')
 MAX_HEAD = 64 * 1024
 
 
-def _response(
-    status: str, content_type: str, body: bytes, extra: tuple[str, ...] = ()
-) -> bytes:
+def _response(status: str, content_type: str, body: bytes, extra: tuple[str, ...] = ()) -> bytes:
     """Build a complete Content-Length response once, so serving it is one write."""
     lines = [
         f"HTTP/1.1 {status}",
@@ -315,10 +314,8 @@ class UpstreamProtocol(asyncio.Protocol):
         i = req_head.find(b"\r\nx-bench-chunk-delay-ms:")
         if i >= 0:
             j = req_head.find(b"\r\n", i + 2)
-            try:
+            with contextlib.suppress(ValueError):
                 delay = float(req_head[i + 25 : j if j >= 0 else None]) / 1000.0
-            except ValueError:
-                pass
         if delay <= 0:
             write = self.transport.write
             write(head)
@@ -352,7 +349,7 @@ class UpstreamProtocol(asyncio.Protocol):
             self.transport.close()
 
 
-def _read_chunked(buf: bytearray, pos: int) -> tuple[bytes, int] | None | bool:
+def _read_chunked(buf: bytearray, pos: int) -> tuple[bytes, int] | bool | None:
     """Decode a chunked request body: (body, end) or None if incomplete, False if bad."""
     out = bytearray()
     while True:
@@ -412,10 +409,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.chunks < 1:
         p.error("--chunks must be >= 1")
     runner = uvloop.run if uvloop is not None else asyncio.run
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         runner(serve(args.host, args.port, args.chunks, args.chunk_delay_ms))
-    except KeyboardInterrupt:
-        pass
     sys.exit(0)
 
 

@@ -139,6 +139,7 @@ class Run:
     body_bytes: int = 0
     reconnects: int = 0
     conns: set[Conn] = field(default_factory=set)
+    client_closes: bool = False  # the job sends "Connection: close": one request per connection
 
     def take(self) -> bool:
         """Claim the next request slot, or say the job is over."""
@@ -212,7 +213,12 @@ class Conn(asyncio.Protocol):
                 if self.finished:
                     return
             else:
-                self.run.error(f"connection lost mid-response (state {self.state}): {exc!r}")
+                where = (
+                    "before any response byte"
+                    if self.state == HEAD and not self.buf
+                    else ("mid-response")
+                )
+                self.run.error(f"connection closed {where}: {exc!r}")
                 self.t0 = 0
         self.finished = True
         run = self.run
@@ -244,7 +250,7 @@ class Conn(asyncio.Protocol):
             if 100 <= self.status < 200:
                 self.data_received(b"")  # interim answer: parse what follows
                 return
-            self.close_after = b"\r\nconnection: close" in head
+            self.close_after = self.run.client_closes or b"\r\nconnection: close" in head
             if b"\r\ntransfer-encoding:" in head and b"chunked" in head:
                 self.state = BODY_CHUNKED
                 self.remaining = -1  # waiting for a chunk-size line
@@ -311,12 +317,11 @@ class Conn(asyncio.Protocol):
         self.state = HEAD
         run.body_bytes += len(body)
         problem = self._check(body)
-        if problem is None and run.job.min_latency_ms:
-            if (now - t0) / 1e6 < run.job.min_latency_ms:
-                problem = (
-                    f"answered in {(now - t0) / 1e6:.2f} ms < {run.job.min_latency_ms} ms: "
-                    "the pacing header did not reach the upstream"
-                )
+        if problem is None and (now - t0) / 1e6 < run.job.min_latency_ms:
+            problem = (
+                f"answered in {(now - t0) / 1e6:.2f} ms < {run.job.min_latency_ms} ms: "
+                "the pacing header did not reach the upstream"
+            )
         if problem is None:
             run.ok += 1
             run.lat_us.append((now - t0) // 1000)
@@ -381,6 +386,7 @@ async def run_job(job: Job) -> dict[str, Any]:
         req=job.request_bytes(),
         deadline_ns=perf_ns() + int(job.duration_s * 1e9) if job.duration_s > 0 else 0,
         done=loop.create_future(),
+        client_closes=any(h.lower().replace(" ", "") == "connection:close" for h in job.headers),
     )
     cpu0, t0 = _cpu_s(), perf_ns()
     n_conn = max(1, min(job.connections, job.requests))

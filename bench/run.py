@@ -38,6 +38,7 @@ import platform
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -56,7 +57,10 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 PROXY_CORE, HARNESS_CORE = 0, 1
 LG_SATURATED = 0.85  # load generator alone above this share of a core: it set the pace
 CORE1_SATURATED = 0.90  # load generator + upstream above this: the harness set the pace
-DEFAULT_CONFIGS = {"passthrough": CONFIGS / "passthrough.yaml", "correlation": CONFIGS / "correlation.yaml"}
+DEFAULT_CONFIGS = {
+    "passthrough": CONFIGS / "passthrough.yaml",
+    "correlation": CONFIGS / "correlation.yaml",
+}
 CONFIG_TEXT = {"passthrough": "policies: []\n", "correlation": "policies:\n  - correlation: {}\n"}
 
 
@@ -114,7 +118,7 @@ def build_scenarios(chunks: int, pace_ms: float) -> dict[str, Scenario]:
                 "sse",
                 chat,
                 10,
-                0.05,
+                0.15,
                 expect_events=chunks + 1,
                 headers=(f"X-Bench-Chunk-Delay-Ms: {pace_ms:g}",),
                 min_latency_ms=pace_ms * chunks * 0.9,
@@ -190,7 +194,11 @@ def core_ns() -> dict[int, tuple[int, int, int]]:
             name, *vals = line.split()
             v = [int(x) for x in vals[:8]] + [0] * max(0, 8 - len(vals))
             user, nice, system, _idle, _iowait, irq, softirq, steal = v[:8]
-            out[int(name[3:])] = ((user + nice + system) * scale, (irq + softirq) * scale, steal * scale)
+            out[int(name[3:])] = (
+                (user + nice + system) * scale,
+                (irq + softirq) * scale,
+                steal * scale,
+            )
     return out
 
 
@@ -216,7 +224,9 @@ def free_port() -> int:
 
 
 def can_pin() -> bool:
-    return hasattr(os, "sched_getaffinity") and {PROXY_CORE, HARNESS_CORE} <= os.sched_getaffinity(0)
+    if not hasattr(os, "sched_getaffinity"):
+        return False
+    return {PROXY_CORE, HARNESS_CORE} <= os.sched_getaffinity(0)
 
 
 def spawn(
@@ -282,7 +292,10 @@ def wait_ready(proc: subprocess.Popen[Any], port: int, path: str, timeout: float
 
 def sidecar_usable() -> str | None:
     """Why ``python -m sidecar serve`` cannot run here, or None if it can."""
-    if not (REPO / "sidecar" / "__main__.py").exists() and not (REPO / "sidecar" / "cli.py").exists():
+    if (
+        not (REPO / "sidecar" / "__main__.py").exists()
+        and not (REPO / "sidecar" / "cli.py").exists()
+    ):
         return "sidecar/__main__.py and sidecar/cli.py do not exist yet"
     try:
         r = subprocess.run(
@@ -428,6 +441,7 @@ class Bench:
         self.visits: list[Visit] = []
         self.warmup_errors: dict[str, list[str]] = {}
         self.notes: list[str] = []
+        self.retry_s = 0.0  # time spent re-measuring noisy visits (bounded by --noise-budget-s)
         self._devnull = open(os.devnull, "wb")  # noqa: SIM115 - lives as long as the run
 
     def core(self, which: int) -> int | None:
@@ -461,9 +475,7 @@ class Bench:
             raise SystemExit(f"fast_upstream failed to start: {why}")
         self.lg = LoadGen(self.core(HARNESS_CORE))
         wanted = self.args.targets
-        self.targets.append(
-            Target("direct", "direct", self.upstream_port, None, self.upstream.pid)
-        )
+        self.targets.append(Target("direct", "direct", self.upstream_port, None, self.upstream.pid))
         self.targets.append(Target("floor", "floor"))
         for name, path in self.args.configs.items():
             self.targets.append(Target(name, "sidecar", config=str(path)))
@@ -559,11 +571,20 @@ class Bench:
         ours = {PROXY_CORE: 0, HARNESS_CORE: res["cpu_s"] * 1e9 + (u1 - u0) + (me1 - me0)}
         if t.role != "direct":
             ours[PROXY_CORE] = c1 - c0
-        foreign = {
-            core: max(0, (cores1[core][0] - cores0[core][0]) + (cores1[core][2] - cores0[core][2]) - ours[core])
-            for core in ours
-            if core in cores0 and core in cores1
-        } if self.pin else {}
+        foreign = (
+            {
+                core: max(
+                    0,
+                    (cores1[core][0] - cores0[core][0])
+                    + (cores1[core][2] - cores0[core][2])
+                    - ours[core],
+                )
+                for core in ours
+                if core in cores0 and core in cores1
+            }
+            if self.pin
+            else {}
+        )
         v = Visit(
             target=t.name,
             scenario=sc.name,
@@ -581,7 +602,9 @@ class Bench:
             upstream_cpu_ns=u1 - u0,
             foreign_core0_ns=int(foreign.get(PROXY_CORE, 0)),
             foreign_core1_ns=int(foreign.get(HARNESS_CORE, 0)),
-            irq_core0_ns=cores1[PROXY_CORE][1] - cores0[PROXY_CORE][1] if PROXY_CORE in cores0 else 0,
+            irq_core0_ns=cores1[PROXY_CORE][1] - cores0[PROXY_CORE][1]
+            if PROXY_CORE in cores0
+            else 0,
             error_samples=res["error_samples"],
             lat_us=res["lat_us"],
             ttfc_us=res["ttfc_us"],
@@ -601,7 +624,9 @@ class Bench:
         """Largest share of the visit's wall time that other processes took on a core."""
         if v.wall_s <= 0:
             return 0.0
-        return max(v.foreign_core0_ns, v.foreign_core1_ns) / 1e9 / v.wall_s
+        # /proc/stat counts in 10 ms ticks: forgive two of them per visit.
+        slack = 2 * 1_000_000_000 // CLK_TCK
+        return max(0, max(v.foreign_core0_ns, v.foreign_core1_ns) - slack) / 1e9 / v.wall_s
 
     def noisy(self, v: Visit) -> bool:
         return self.noise_share(v) > self.args.noise_max
@@ -635,13 +660,21 @@ class Bench:
                 for t, leg in zip(order, legs, strict=True):
                     v = self.visit(t, sc, n, rnd, leg)
                     retries = 0
-                    while v is not None and self.noisy(v) and retries < self.args.noise_retries:
+                    while (
+                        v is not None
+                        and self.noisy(v)
+                        and retries < self.args.noise_retries
+                        and self.retry_s < self.args.noise_budget_s
+                    ):
                         retries += 1
+                        t_retry = time.monotonic()
                         self.log(
                             f"  ~ {t.name}/{sc.name}: other work on the cores "
                             f"({self.noise_share(v) * 100:.0f} % of the visit), measuring again"
                         )
+                        time.sleep(self.args.noise_pause)
                         v = self.visit(t, sc, n, rnd, leg)
+                        self.retry_s += time.monotonic() - t_retry
                     if v is not None:
                         v.retries = retries
                         self.visits.append(v)
@@ -679,7 +712,9 @@ class Bench:
                     "error_samples": [e for v in vs for e in v.error_samples][:5],
                     "rps": ok / wall if wall else 0.0,
                     "latency": summarize_us(lat),
-                    "cpu_ms_per_req": cpu / done / 1e6 if done else math.nan,
+                    # Median of the visits: one disturbed visit must not move the headline.
+                    "cpu_ms_per_req": statistics.median(per_visit) if per_visit else math.nan,
+                    "cpu_ms_per_req_pooled": cpu / done / 1e6 if done else math.nan,
                     "cpu_ticks_ms_per_req": sum(v.target_cpu_ticks_ns for v in vs) / done / 1e6
                     if done
                     else math.nan,
@@ -733,7 +768,11 @@ class Bench:
     def table(self, results: dict[str, dict[str, dict[str, Any]]]) -> str:
         lines: list[str] = []
         for sc in self.scenarios:
-            rows = [(t, results[t.name][sc.name]) for t in self.targets if sc.name in results.get(t.name, {})]
+            rows = [
+                (t, results[t.name][sc.name])
+                for t in self.targets
+                if sc.name in results.get(t.name, {})
+            ]
             if not rows:
                 continue
             lines.append("")
@@ -776,7 +815,24 @@ class Bench:
                 lines.append(row + "  " + ", ".join(notes))
         return "\n".join(lines)
 
-    def report(self, results: dict[str, dict[str, dict[str, Any]]], elapsed: float) -> dict[str, Any]:
+    def summary(self, results: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
+        """One line per sidecar config: its CPU ratio to the floor in every scenario."""
+        lines = []
+        for t in self.targets:
+            per = results.get(t.name)
+            if t.role != "sidecar" or not per:
+                continue
+            ratios = ", ".join(
+                f"{name} {r['cpu_ratio_to_floor']:.2f}"
+                for name, r in per.items()
+                if r.get("cpu_ratio_to_floor") is not None
+            )
+            lines.append(f"{t.name}: CPU/request x floor: {ratios}")
+        return lines
+
+    def report(
+        self, results: dict[str, dict[str, dict[str, Any]]], elapsed: float
+    ) -> dict[str, Any]:
         import aiohttp
 
         meta = {
@@ -785,6 +841,7 @@ class Bench:
             "python": platform.python_version(),
             "aiohttp": aiohttp.__version__,
             "cpu_model": _cpu_model(),
+            "git": _git_describe(),
             "cpus": os.cpu_count(),
             "pinned": self.pin,
             "cores": {"proxy": PROXY_CORE, "harness": HARNESS_CORE} if self.pin else None,
@@ -825,6 +882,21 @@ def _f(x: float | None, width: int, fmt: str) -> str:
     return format(x, fmt).rjust(width)
 
 
+def _git_describe() -> str | None:
+    """The commit measured (with -dirty), so a JSON file says which sidecar it describes."""
+    try:
+        r = subprocess.run(
+            ["git", "describe", "--always", "--dirty"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return r.stdout.strip() or None
+
+
 def _self_cpu_ns() -> int:
     """The runner's own CPU (it sits on the harness core too)."""
     t = os.times()
@@ -846,10 +918,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "3 --max-cpu-ratio could not be evaluated.",
     )
     p.add_argument("--quick", action="store_true", help="CI-sized run (< 30 s)")
-    p.add_argument("--requests", type=int, default=None, help="requests per visit at weight 1 (default 2000, quick 300)")
-    p.add_argument("--rounds", type=int, default=None, help="A/B/C/C/B/A rounds (default 3, quick 1)")
-    p.add_argument("--warmup", type=int, default=None, help="warm-up requests per target and scenario (default 300, quick 60)")
-    p.add_argument("--scenarios", default=",".join(DEFAULT_SCENARIOS), help="comma list; also: embed_c10")
+    p.add_argument(
+        "--requests",
+        type=int,
+        default=None,
+        help="requests per visit at weight 1 (default 2000, quick 600)",
+    )
+    p.add_argument(
+        "--rounds", type=int, default=None, help="A/B/C/C/B/A rounds (default 3, quick 1)"
+    )
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="warm-up requests per target and scenario (default 300, quick 100)",
+    )
+    p.add_argument(
+        "--scenarios", default=",".join(DEFAULT_SCENARIOS), help="comma list; also: embed_c10"
+    )
     p.add_argument(
         "--config",
         action="append",
@@ -858,13 +944,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="measure another sidecar config (repeatable)",
     )
     p.add_argument("--no-default-configs", action="store_true", help="only the --config ones")
-    p.add_argument("--targets", default="", help="comma list of target names to keep (direct is always kept)")
-    p.add_argument("--max-cpu-ratio", type=float, default=None, help=f"fail if a sidecar's CPU/request on {GUARD_SCENARIO} exceeds this many times the floor's")
+    p.add_argument(
+        "--targets", default="", help="comma list of target names to keep (direct is always kept)"
+    )
+    p.add_argument(
+        "--max-cpu-ratio",
+        type=float,
+        default=None,
+        metavar="X",
+        help=f"fail if a sidecar's CPU/request on {GUARD_SCENARIO} exceeds X times the floor's",
+    )
     p.add_argument("--chunks", type=int, default=20, help="events per stream")
     p.add_argument("--pace-ms", type=float, default=1.0, help="gap between events in sse_paced_c10")
-    p.add_argument("--max-visit-s", type=float, default=None, help="duration bound of one visit (default 6, quick 2)")
-    p.add_argument("--stall-timeout", type=float, default=20.0, help="seconds past the bound before a visit counts as stalled")
-    p.add_argument("--start-timeout", type=float, default=30.0, help="seconds for a sidecar to answer /healthz")
+    p.add_argument(
+        "--max-visit-s",
+        type=float,
+        default=None,
+        help="duration bound of one visit (default 6, quick 2)",
+    )
+    p.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=20.0,
+        help="seconds past the bound before a visit counts as stalled",
+    )
+    p.add_argument(
+        "--start-timeout", type=float, default=30.0, help="seconds for a sidecar to answer /healthz"
+    )
     p.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
     p.add_argument(
         "--noise-max",
@@ -872,13 +978,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=0.10,
         help="a visit where other processes took more than this share of a core is noisy",
     )
-    p.add_argument("--noise-retries", type=int, default=2, help="re-measure a noisy visit up to N times")
+    p.add_argument(
+        "--noise-retries", type=int, default=3, help="re-measure a noisy visit up to N times"
+    )
+    p.add_argument(
+        "--noise-pause", type=float, default=0.5, help="seconds to wait before re-measuring"
+    )
+    p.add_argument(
+        "--noise-budget-s",
+        type=float,
+        default=None,
+        help="total seconds allowed for re-measuring (default 40, quick 8)",
+    )
     p.add_argument("--output", type=Path, default=RESULTS / "latest.json")
     a = p.parse_args(argv)
     q = a.quick
-    a.requests = a.requests or (300 if q else 2000)
+    a.requests = a.requests or (600 if q else 2000)
     a.rounds = a.rounds or (1 if q else 3)
-    a.warmup = a.warmup if a.warmup is not None else (60 if q else 300)
+    a.warmup = a.warmup if a.warmup is not None else (100 if q else 300)
+    a.noise_budget_s = a.noise_budget_s if a.noise_budget_s is not None else (8.0 if q else 40.0)
     a.max_visit_s = a.max_visit_s or (2.0 if q else 6.0)
     names = [s.strip() for s in a.scenarios.split(",") if s.strip()]
     known = build_scenarios(a.chunks, a.pace_ms)
@@ -896,6 +1014,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         configs[name] = Path(path).resolve()
     a.configs = configs
     a.targets = {s.strip() for s in a.targets.split(",") if s.strip()}
+    unknown = a.targets - {"direct", "floor", *configs}
+    if unknown:
+        p.error(f"unknown target(s) {sorted(unknown)}; known: direct, floor, {', '.join(configs)}")
     return a
 
 
@@ -915,8 +1036,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         bench.start()
         live = [t.name for t in bench.targets if t.alive()]
-        bench.log(f"targets: {', '.join(live)}; scenarios: {', '.join(args.scenarios)}; "
-                  f"{args.rounds} round(s); pinned: {bench.pin}")
+        bench.log(
+            f"targets: {', '.join(live)}; scenarios: {', '.join(args.scenarios)}; "
+            f"{args.rounds} round(s); pinned: {bench.pin}"
+        )
         bench.warmup()
         bench.measure()
         results = bench.aggregate()
@@ -933,11 +1056,20 @@ def main(argv: list[str] | None = None) -> int:
         if t.died:
             print(f"DIED {t.name}: {t.died}")
     print(
-        f"CPU ms/req: on-CPU time of the target's process tree per request; x floor: that / floor.py's. "
-        f"±%: half the spread across visits. core1%: load generator + upstream.\n"
+        "CPU ms/req: on-CPU time of the target's process tree / requests (median of the visits);"
+        " x floor: that / floor.py's.\n±%: half the spread of the visits around their mean."
+        " lg%, core1%: load generator, + upstream. noise%: other processes on a core.\n"
         f"wrote {args.output.relative_to(REPO) if args.output.is_relative_to(REPO) else args.output} "
         f"in {time.monotonic() - t_start:.0f} s"
     )
+    ratio = report["meta"]["cpu_precise_vs_ticks"]
+    if ratio is not None and abs(ratio - 1) > 0.05:
+        print(
+            f"warning: per-thread CPU (schedstat) is {ratio:.3f} x utime+stime (stat): "
+            "threads or children that exited during visits are missing from the precise figure"
+        )
+    for line in bench.summary(results):
+        print(line)
     status = 0
     bad = [
         t.name
@@ -955,12 +1087,17 @@ def main(argv: list[str] | None = None) -> int:
         }
         ratios = {k: v for k, v in ratios.items() if v is not None}
         if not ratios:
-            print(f"FAIL: --max-cpu-ratio given but no sidecar config was measured on {GUARD_SCENARIO}")
+            print(
+                f"FAIL: --max-cpu-ratio given but no sidecar config was measured on {GUARD_SCENARIO}"
+            )
             return 3
         over = {k: v for k, v in ratios.items() if v > args.max_cpu_ratio}
         for k, v in ratios.items():
             verdict = "OVER" if k in over else "ok"
-            print(f"guard {k}: {v:.2f} x floor CPU/request on {GUARD_SCENARIO} (max {args.max_cpu_ratio}) {verdict}")
+            print(
+                f"guard {k}: {v:.2f} x floor CPU/request on {GUARD_SCENARIO} "
+                f"(max {args.max_cpu_ratio}) {verdict}"
+            )
         if over:
             return 2
     return status
