@@ -24,14 +24,13 @@ from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 from sidecar.chain import Next, Policy, PolicyContext, build_chain
 from sidecar.config import Settings
 from sidecar.errors import SidecarError, dialect_for_path, error_response
-from sidecar.exchange import Exchange, Reply
-from sidecar.observability import Metrics
+from sidecar.exchange import Exchange
+from sidecar.observability import Metrics, access_logger
 from sidecar.relay import ClientGone, relay
 from sidecar.routes import check_access, find_route
 from sidecar.upstream import Upstream
 
 log = structlog.get_logger("sidecar")
-access_log = structlog.get_logger("sidecar.access")
 
 _METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -56,25 +55,10 @@ async def build_runtime(settings: Settings, metrics: Metrics, upstream: Upstream
             await start()
     return Runtime(
         settings=settings,
-        chain=build_chain(policies, _validated(upstream.send)),
+        chain=build_chain(policies, upstream.send),
         policies=policies,
         allowed_management=frozenset(settings.management.allow),
     )
-
-
-def _validated(send: Next) -> Next:
-    """The innermost step: the body must be a JSON object before it goes upstream.
-
-    It runs after the policies, so a 400 for a bad body still carries what they
-    add (the request id), and a policy that reads the body parses it only once.
-    """
-
-    async def send_valid(exchange: Exchange) -> Reply:
-        if exchange.route.json_body:
-            exchange.json  # noqa: B018 - parses once, raises the 400
-        return await send(exchange)
-
-    return send_valid
 
 
 async def close_runtime(runtime: Runtime) -> None:
@@ -90,6 +74,7 @@ class Sidecar:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.metrics = Metrics()
+        self.metrics.in_flight.set_function(lambda: self._in_flight)
         self.upstream = Upstream(settings.upstream, self.metrics)
         self.runtime: Runtime | None = None
         self.draining = False
@@ -130,7 +115,11 @@ class Sidecar:
         self._runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=1.0)
         await self._runner.setup()
         site = web.TCPSite(
-            self._runner, self.settings.listen.host, self.settings.listen.port, reuse_address=True
+            self._runner,
+            self.settings.listen.host,
+            self.settings.listen.port,
+            reuse_address=True,
+            backlog=1024,
         )
         await site.start()
         self.port = int(self._runner.addresses[0][1])
@@ -188,14 +177,13 @@ class Sidecar:
         assert runtime is not None and self._idle is not None
         started = time.perf_counter()
         loop_started = asyncio.get_running_loop().time()
-        raw_path = request.rel_url.raw_path
+        raw_path, _, query_string = request.raw_path.partition("?")
         dialect = dialect_for_path(raw_path)
         route_name = "unmatched"
         status = 0
         exchange: Exchange | None = None
         self._in_flight += 1
         self._idle.clear()
-        self.metrics.in_flight.inc()
         structlog.contextvars.clear_contextvars()
         try:
             match = find_route(raw_path)
@@ -206,10 +194,9 @@ class Sidecar:
                 method=request.method,
                 route=match.route,
                 path=match.upstream_path,
-                query_string=request.rel_url.raw_query_string,
+                query_string=query_string,
                 headers=request.headers,
                 body=body,
-                client=request.remote or "",
                 started_at=loop_started,
             )
             reply = await runtime.chain(exchange)
@@ -248,20 +235,15 @@ class Sidecar:
 
     async def _read_body(self, request: web.BaseRequest) -> bytes:
         max_body = self.settings.limits.max_body
-        too_large = SidecarError(
-            413,
-            f"request body is larger than limits.max_body ({max_body} bytes)",
-            code="body_too_large",
-        )
         length = request.content_length
         if length is not None and length > max_body:
-            raise too_large
+            raise _too_large(max_body)
         if not request.body_exists:
             return b""
         try:
             return await request.read()
         except web.HTTPRequestEntityTooLarge:
-            raise too_large from None
+            raise _too_large(max_body) from None
         except RequestPayloadError as exc:
             raise SidecarError(400, f"malformed request body: {exc}", code="invalid_body") from None
 
@@ -276,13 +258,13 @@ class Sidecar:
         """Metrics and the access line for one proxied request."""
         duration = time.perf_counter() - started
         metrics = self.metrics
-        metrics.in_flight.dec()
-        metrics.requests.labels(route_name, request.method, str(status)).inc()
-        metrics.duration.labels(route_name).observe(duration)
+        route_metrics = metrics.for_route(route_name)
+        route_metrics.count(request.method, status)
+        route_metrics.duration.observe(duration)
         facts = exchange.facts if exchange is not None else {}
         upstream_time = facts.get("upstream_time")
         if upstream_time is not None:
-            metrics.overhead.labels(route_name).observe(max(duration - upstream_time, 0.0))
+            route_metrics.overhead.observe(max(duration - upstream_time, 0.0))
         stream_error = facts.get("stream_error")
         if stream_error is not None:
             metrics.stream_interruptions.labels(route_name, stream_error).inc()
@@ -293,7 +275,7 @@ class Sidecar:
             model = exchange.model
             stream = exchange.wants_stream
         ttfb = facts.get("upstream_ttfb")
-        access_log.info(
+        access_logger().info(
             "request",
             request_id=exchange.request_id if exchange is not None else None,
             method=request.method,
@@ -343,6 +325,14 @@ class Sidecar:
         return web.Response(
             body=self.metrics.render(), headers={"Content-Type": _METRICS_CONTENT_TYPE}
         )
+
+
+def _too_large(max_body: int) -> SidecarError:
+    return SidecarError(
+        413,
+        f"request body is larger than limits.max_body ({max_body} bytes)",
+        code="body_too_large",
+    )
 
 
 def _json_response(status: int, document: dict[str, Any]) -> web.Response:

@@ -11,7 +11,7 @@ from typing import Any
 
 from sidecar import __version__
 from sidecar.config import ConfigError, Settings, load_settings
-from sidecar.observability import configure_logging
+from sidecar.observability import configure_logging, flush_logs
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -91,6 +91,7 @@ async def serve(settings: Settings) -> int:
         return 1
     await stop.wait()
     await sidecar.stop()
+    flush_logs()
     return 0
 
 

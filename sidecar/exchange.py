@@ -33,7 +33,6 @@ class Exchange:
     query_string: str
     headers: CIMultiDictProxy[str]
     body: bytes
-    client: str = ""
     request_id: str = ""
     started_at: float = 0.0
     # Shared per-request facts: model, stream, tokens, cache result, attempts...

@@ -7,9 +7,11 @@ registered before and get the same one back.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
-from typing import Any, TypeVar
+import time
+from typing import Any, BinaryIO, TypeVar
 
 import orjson
 import structlog
@@ -46,17 +48,110 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 _MetricT = TypeVar("_MetricT", bound=MetricWrapperBase)
 
 
+class IsoTimestamp:
+    """structlog's `TimeStamper(fmt="iso", utc=True)`, with the date and time cached per second.
+
+    Formatting a datetime for every access line is measurable on the hot path;
+    only the microseconds change within a second.
+    """
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def __call__(self, logger: Any, method: str, event: Any) -> Any:
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        event["timestamp"] = f"{self._prefix}.{int((now - second) * 1e6):06d}Z"
+        return event
+
+
 def _serialise(value: Any, **_: Any) -> bytes:
     return orjson.dumps(value, default=str)
 
 
-def configure_logging(level: str = "info") -> None:
-    """JSON lines on stdout for structlog and for the stdlib loggers aiohttp uses."""
+class CoalescingLineWriter:
+    """structlog's output: the lines of one event-loop tick go out in one write.
+
+    Under load many requests finish in the same tick; one write (and flush) for
+    all their access lines instead of one each saves a syscall per request, and
+    a line waits at most until the loop's next turn, so nothing is held for long.
+    Outside a running loop (start-up, shutdown, the CLI) every line is written at once.
+    """
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self._stream = stream
+        self._pending: list[bytes] = []
+
+    def msg(self, message: bytes) -> None:
+        pending = self._pending
+        pending.append(message)
+        if len(pending) == 1:
+            try:
+                asyncio.get_running_loop().call_soon(self.flush)
+            except RuntimeError:
+                self.flush()
+
+    log = debug = info = warn = warning = error = err = critical = exception = fatal = msg
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        data = b"\n".join(self._pending) + b"\n"
+        self._pending.clear()
+        try:
+            self._stream.write(data)
+            self._stream.flush()
+        except (OSError, ValueError):
+            # A closed or broken stdout must not take requests down with it.
+            pass
+
+
+_writer: CoalescingLineWriter | None = None
+
+
+def flush_logs() -> None:
+    """Write out any lines still waiting for the loop's next turn (on shutdown)."""
+    if _writer is not None:
+        _writer.flush()
+
+
+# The access line's logger. Until configure_logging runs (tests, embedding) it
+# is structlog's default; after, a lean one that writes the same JSON line.
+_access_logger: Any = structlog.get_logger("sidecar.access")
+
+
+def access_logger() -> Any:
+    """The logger for the one access line per request."""
+    return _access_logger
+
+
+def configure_logging(level: str = "info", stream: BinaryIO | None = None) -> None:
+    """JSON lines on stdout for structlog and for the stdlib loggers aiohttp uses.
+
+    The access line has a processor chain of its own without the context-var
+    merge and exception formatting: it carries its request id explicitly and
+    never an exception, and it is the one line written for every request.
+    """
+    global _writer, _access_logger
     numeric = _LEVELS.get(level, logging.INFO)
+    writer = _writer = CoalescingLineWriter(stream or sys.stdout.buffer)
+    _access_logger = structlog.wrap_logger(
+        writer,
+        processors=[
+            structlog.processors.add_log_level,
+            IsoTimestamp(),
+            structlog.processors.JSONRenderer(serializer=_serialise),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+    )
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        IsoTimestamp(),
     ]
     structlog.configure(
         processors=[
@@ -65,10 +160,10 @@ def configure_logging(level: str = "info") -> None:
             structlog.processors.JSONRenderer(serializer=_serialise),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.BytesLoggerFactory(file=sys.stdout.buffer),
+        logger_factory=lambda *_: writer,
         cache_logger_on_first_use=True,
     )
-    handler = logging.StreamHandler(sys.stdout)
+    handler = logging.StreamHandler(sys.stdout if stream is None else _TextOver(stream))
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
@@ -86,12 +181,47 @@ def configure_logging(level: str = "info") -> None:
     root.setLevel(max(numeric, logging.INFO))
 
 
+class _TextOver:
+    """A text view of a binary stream, for the stdlib handler in tests."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> None:
+        self._stream.write(text.encode())
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+
+class RouteMetrics:
+    """One route's labelled children, looked up once instead of on every request."""
+
+    __slots__ = ("_counts", "_requests", "_route", "duration", "overhead", "ttfb")
+
+    def __init__(self, metrics: Metrics, route: str) -> None:
+        self._route = route
+        self._requests = metrics.requests
+        self._counts: dict[tuple[str, int], Any] = {}
+        self.duration = metrics.duration.labels(route)
+        self.ttfb = metrics.upstream_ttfb.labels(route)
+        self.overhead = metrics.overhead.labels(route)
+
+    def count(self, method: str, status: int) -> None:
+        child = self._counts.get((method, status))
+        if child is None:
+            child = self._requests.labels(self._route, method, str(status))
+            self._counts[(method, status)] = child
+        child.inc()
+
+
 class Metrics:
     """The sidecar's Prometheus metrics, and a get-or-create door for policies' own."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._by_name: dict[str, MetricWrapperBase] = {}
+        self._routes: dict[str, RouteMetrics] = {}
         self.requests = self.counter(
             "requests_total",
             "Requests answered, by route, method and status.",
@@ -131,6 +261,13 @@ class Metrics:
             "Requests sent again on a fresh connection after a stale pooled one closed.",
             (),
         )
+
+    def for_route(self, route: str) -> RouteMetrics:
+        """The children of the per-route metrics; routes are a fixed, small set."""
+        found = self._routes.get(route)
+        if found is None:
+            found = self._routes[route] = RouteMetrics(self, route)
+        return found
 
     def counter(self, name: str, documentation: str, labels: tuple[str, ...]) -> Counter:
         return self._get_or_create(Counter, name, documentation, labels)

@@ -81,6 +81,9 @@ class Match:
     upstream_path: str
 
 
+_EXACT: dict[str, Match] = {name: Match(route, name) for name, route in ROUTES.items()}
+
+
 def normalise_path(raw_path: str) -> tuple[str, str]:
     """Decode and canonicalise a raw request path.
 
@@ -109,6 +112,10 @@ def normalise_path(raw_path: str) -> tuple[str, str]:
 
 def find_route(raw_path: str) -> Match:
     """The route a raw path means, or the SidecarError that answers it (400, 404)."""
+    exact = _EXACT.get(raw_path)
+    if exact is not None:
+        # Spelled exactly as the table spells it: normalising would change nothing.
+        return exact
     try:
         canonical, kept = normalise_path(raw_path)
     except UnicodeDecodeError:

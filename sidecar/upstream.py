@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator, Mapping
+from time import perf_counter
 from typing import Any
 
 import aiohttp
@@ -122,56 +123,68 @@ class Upstream:
                 await session.close()
 
     async def send(self, exchange: Exchange) -> Reply:
-        """Relay `exchange`; raise UpstreamError when no answer could be had."""
+        """Relay `exchange`; raise UpstreamError when no answer could be had.
+
+        One timer, armed for `first_byte`, covers the whole exchange up to the
+        reply: Ollama sends a plain body's headers only once the answer is ready,
+        and the body right after them. The body must be a JSON object before it
+        leaves: if no policy has parsed it yet, it is parsed here, once.
+        """
         assert self._session is not None and self._fresh_session is not None, "start() first"
+        if exchange.route.json_body:
+            exchange.json  # noqa: B018 - raises the 400 for a body that is not a JSON object
         loop = asyncio.get_running_loop()
         timeouts = self.settings.timeouts
         deadline = exchange.started_at + timeouts.total
+        first_byte_deadline = min(loop.time() + timeouts.first_byte, deadline)
         target = self.base_url + exchange.path
         if exchange.query_string:
             target += "?" + exchange.query_string
-        url = URL(target, encoded=True)
         headers = outgoing_headers(
             exchange.headers, exchange.upstream_headers, self.settings.forward_authorization
         )
         data = exchange.body if exchange.body or exchange.method not in ("GET", "HEAD") else None
-        sent_at = loop.time()
+        facts = exchange.facts
+        sent_at = perf_counter()
+        response: aiohttp.ClientResponse | None = None
         try:
-            async with asyncio.timeout_at(min(sent_at + timeouts.first_byte, deadline)):
-                response = await self._request(exchange.method, url, headers, data)
+            async with asyncio.timeout_at(first_byte_deadline):
+                response = await self._request(
+                    exchange.method, URL(target, encoded=True), headers, data
+                )
+                ttfb = perf_counter() - sent_at
+                facts["upstream_ttfb"] = ttfb
+                self._metrics.for_route(exchange.route.name).ttfb.observe(ttfb)
+                stream_format: Any = stream_format_of(response.headers.get("Content-Type"))
+                if stream_format is None:
+                    body = await response.read()
         except TimeoutError:
-            self._metrics.upstream_errors.labels("timeout").inc()
-            limit = "total" if deadline <= sent_at + timeouts.first_byte else "first_byte"
-            raise UpstreamError(
-                504,
-                f"the upstream at {self.base_url} did not answer in time ({limit} timeout)",
-                code="upstream_timeout",
+            if response is not None:
+                response.close()
+            limit = "total" if deadline <= first_byte_deadline else "first_byte"
+            raise self._failure(
+                504, "timeout", "upstream_timeout", f"did not answer in time ({limit} timeout)"
             ) from None
         except aiohttp.ClientConnectorError as exc:
-            self._metrics.upstream_errors.labels("unreachable").inc()
-            raise UpstreamError(
+            raise self._failure(
                 502,
-                f"cannot connect to the upstream at {self.base_url}: {exc.strerror or exc}",
-                code="upstream_unreachable",
+                "unreachable",
+                "upstream_unreachable",
+                f"cannot be reached: {exc.strerror or exc}",
             ) from None
-        except aiohttp.ClientError as exc:
-            self._metrics.upstream_errors.labels("disconnected").inc()
-            raise UpstreamError(
+        except (aiohttp.ClientError, ConnectionError) as exc:
+            if response is not None:
+                response.close()
+            raise self._failure(
                 502,
-                f"the upstream at {self.base_url} closed the connection before answering: "
-                f"{exc.__class__.__name__}",
-                code="upstream_disconnected",
+                "disconnected",
+                "upstream_disconnected",
+                f"closed the connection before its answer was complete: {exc.__class__.__name__}",
             ) from None
-        headers_at = loop.time()
-        ttfb = headers_at - sent_at
-        facts = exchange.facts
-        facts["upstream_ttfb"] = ttfb
-        self._metrics.upstream_ttfb.labels(exchange.route.name).observe(ttfb)
-        stream_format: Any = stream_format_of(response.headers.get("Content-Type"))
         reply_headers = incoming_headers(response.headers)
         if stream_format is None:
-            body = await self._read_body(response, deadline, loop)
-            facts["upstream_time"] = facts.get("upstream_time", 0.0) + loop.time() - sent_at
+            response.release()
+            facts["upstream_time"] = facts.get("upstream_time", 0.0) + perf_counter() - sent_at
             return Reply(response.status, reply_headers, body=body)
         return Reply(
             response.status,
@@ -179,6 +192,10 @@ class Upstream:
             chunks=self._stream(response, exchange, stream_format, deadline, sent_at),
             stream_format=stream_format,
         )
+
+    def _failure(self, status: int, reason: str, code: str, what: str) -> UpstreamError:
+        self._metrics.upstream_errors.labels(reason).inc()
+        return UpstreamError(status, f"the upstream at {self.base_url} {what}", code=code)
 
     async def _request(
         self, method: str, url: URL, headers: CIMultiDict[str], data: bytes | None
@@ -198,31 +215,6 @@ class Upstream:
             return await self._fresh_session.request(
                 method, url, headers=headers, data=data, allow_redirects=False
             )
-
-    async def _read_body(
-        self, response: aiohttp.ClientResponse, deadline: float, loop: asyncio.AbstractEventLoop
-    ) -> bytes:
-        try:
-            async with asyncio.timeout_at(min(loop.time() + self.settings.timeouts.idle, deadline)):
-                return await response.read()
-        except TimeoutError:
-            response.close()
-            self._metrics.upstream_errors.labels("timeout").inc()
-            raise UpstreamError(
-                504,
-                "the upstream stopped sending its answer (idle timeout)",
-                code="upstream_timeout",
-            ) from None
-        except (aiohttp.ClientError, ConnectionError) as exc:
-            response.close()
-            self._metrics.upstream_errors.labels("disconnected").inc()
-            raise UpstreamError(
-                502,
-                f"the upstream broke off its answer: {exc.__class__.__name__}",
-                code="upstream_disconnected",
-            ) from None
-        finally:
-            response.release()
 
     async def _stream(
         self,
@@ -275,7 +267,7 @@ class Upstream:
             finished = True
         finally:
             exchange.facts["upstream_time"] = (
-                exchange.facts.get("upstream_time", 0.0) + loop.time() - sent_at
+                exchange.facts.get("upstream_time", 0.0) + perf_counter() - sent_at
             )
             if finished:
                 response.release()

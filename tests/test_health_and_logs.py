@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import io
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
 import aiohttp
 import orjson
+import pytest
+import structlog
 from structlog.testing import capture_logs
 
+from sidecar import observability
 from sidecar.app import Sidecar
 from tests.conftest import SidecarFactory
 from tests.fake_ollama import FakeOllama
@@ -72,36 +80,53 @@ async def test_metrics_count_requests_latency_and_overhead(
     assert 'ollama_sidecar_overhead_seconds_count{route="/v1/chat/completions"} 1.0' in text
 
 
-async def test_access_line_has_the_facts_and_never_the_key_or_body(
-    sidecar: Sidecar, http: aiohttp.ClientSession
+@pytest.fixture
+def json_logs() -> Iterator[Callable[[], list[dict[str, Any]]]]:
+    """The sidecar's real log output (JSON lines), captured instead of written to stdout."""
+    stream = io.BytesIO()
+    observability.configure_logging("info", stream=stream)
+
+    def lines() -> list[dict[str, Any]]:
+        observability.flush_logs()
+        return [orjson.loads(line) for line in stream.getvalue().splitlines()]
+
+    yield lines
+    structlog.reset_defaults()
+    observability._access_logger = structlog.get_logger("sidecar.access")
+    logging.getLogger().handlers.clear()
+
+
+async def test_access_line_is_one_json_line_with_the_facts_and_never_the_key_or_body(
+    sidecar: Sidecar, http: aiohttp.ClientSession, json_logs: Callable[[], list[dict[str, Any]]]
 ) -> None:
     secret = "sk-very-secret-key"
-    with capture_logs() as logs:
-        async with http.post(
-            f"{sidecar.url}/v1/chat/completions",
-            json={**CHAT, "stream": True},
-            headers={"Authorization": f"Bearer {secret}", "X-Request-ID": "trace-1"},
-        ) as response:
-            await response.read()
+    async with http.post(
+        f"{sidecar.url}/v1/chat/completions",
+        json={**CHAT, "stream": True, "messages": [{"role": "user", "content": "confidential"}]},
+        headers={"Authorization": f"Bearer {secret}", "X-Request-ID": "trace-1"},
+    ) as response:
+        await response.read()
+    logs = json_logs()
     access = [line for line in logs if line["event"] == "request"]
     assert len(access) == 1
     line = access[0]
     assert line["request_id"] == "trace-1"
+    assert line["level"] == "info"
+    assert line["timestamp"].endswith("Z")
     assert line["route"] == "/v1/chat/completions"
     assert line["model"] == "llama3.2:latest"
     assert line["status"] == 200
     assert line["stream"] is True
     assert line["bytes_out"] > 0
     assert line["duration_ms"] >= line["upstream_ttfb_ms"] > 0
-    assert secret not in orjson.dumps(logs).decode()
-    assert "hi" not in [value for value in line.values() if isinstance(value, str)]
+    everything = orjson.dumps(logs).decode()
+    assert secret not in everything
+    assert "confidential" not in everything
 
 
 async def test_the_request_id_is_bound_to_every_log_line_of_the_request(
     sidecar: Sidecar, http: aiohttp.ClientSession, unused_tcp_port: int
 ) -> None:
-    import structlog
-
     with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs:
         async with http.get(f"{sidecar.url}/api/version", headers={"X-Request-ID": "bound-7"}):
             pass

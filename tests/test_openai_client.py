@@ -125,4 +125,4 @@ async def test_unreachable_upstream_is_a_clean_api_error(
     with pytest.raises(openai.APIStatusError) as caught:
         await client.chat.completions.create(model=MODEL, messages=MESSAGES)
     assert caught.value.status_code == 502
-    assert "cannot connect" in caught.value.message
+    assert "cannot be reached" in caught.value.message
