@@ -25,7 +25,7 @@ from sidecar.chain import Next, Policy, PolicyContext, build_chain
 from sidecar.config import Settings
 from sidecar.errors import SidecarError, dialect_for_path, error_response
 from sidecar.exchange import Exchange
-from sidecar.observability import Metrics, access_logger
+from sidecar.observability import Metrics, write_access_line
 from sidecar.relay import ClientGone, relay
 from sidecar.routes import check_access, find_route
 from sidecar.upstream import Upstream
@@ -184,7 +184,6 @@ class Sidecar:
         exchange: Exchange | None = None
         self._in_flight += 1
         self._idle.clear()
-        structlog.contextvars.clear_contextvars()
         try:
             match = find_route(raw_path)
             route_name = match.route.name
@@ -275,19 +274,20 @@ class Sidecar:
             model = exchange.model
             stream = exchange.wants_stream
         ttfb = facts.get("upstream_ttfb")
-        access_logger().info(
-            "request",
-            request_id=exchange.request_id if exchange is not None else None,
-            method=request.method,
-            route=route_name,
-            model=model,
-            status=status,
-            stream=stream,
-            duration_ms=round(duration * 1000, 3),
-            upstream_ttfb_ms=round(ttfb * 1000, 3) if ttfb is not None else None,
-            bytes_in=len(exchange.body) if exchange is not None else 0,
-            bytes_out=facts.get("bytes_out", 0),
-            stream_error=stream_error,
+        write_access_line(
+            {
+                "request_id": exchange.request_id if exchange is not None else None,
+                "method": request.method,
+                "route": route_name,
+                "model": model,
+                "status": status,
+                "stream": stream,
+                "duration_ms": round(duration * 1000, 3),
+                "upstream_ttfb_ms": round(ttfb * 1000, 3) if ttfb is not None else None,
+                "bytes_in": len(exchange.body) if exchange is not None else 0,
+                "bytes_out": facts.get("bytes_out", 0),
+                "stream_error": stream_error,
+            }
         )
 
     async def _healthz(self, request: web.BaseRequest) -> web.StreamResponse:

@@ -74,30 +74,46 @@ def _serialise(value: Any, **_: Any) -> bytes:
 
 
 class CoalescingLineWriter:
-    """structlog's output: the lines of one event-loop tick go out in one write.
+    """structlog's output: info lines are written in batches, warnings at once.
 
-    Under load many requests finish in the same tick; one write (and flush) for
-    all their access lines instead of one each saves a syscall per request, and
-    a line waits at most until the loop's next turn, so nothing is held for long.
-    Outside a running loop (start-up, shutdown, the CLI) every line is written at once.
+    A write (and an event-loop turn to make it) per access line costs more than
+    the line itself; batching them, as nginx's `access_log ... flush=` does,
+    writes at most every `interval` or every `max_lines`. Warnings and errors,
+    and every line outside a running loop (start-up, shutdown, the CLI), are
+    written at once. The cost: a crash can lose the last `interval` of info lines.
     """
 
-    def __init__(self, stream: BinaryIO) -> None:
+    def __init__(self, stream: BinaryIO, interval: float = 0.1, max_lines: int = 256) -> None:
         self._stream = stream
+        self._interval = interval
+        self._max_lines = max_lines
         self._pending: list[bytes] = []
+        self._timer: asyncio.TimerHandle | None = None
 
     def msg(self, message: bytes) -> None:
         pending = self._pending
         pending.append(message)
-        if len(pending) == 1:
+        if len(pending) >= self._max_lines:
+            self.flush()
+        elif self._timer is None:
             try:
-                asyncio.get_running_loop().call_soon(self.flush)
+                loop = asyncio.get_running_loop()
             except RuntimeError:
                 self.flush()
+                return
+            self._timer = loop.call_later(self._interval, self.flush)
 
-    log = debug = info = warn = warning = error = err = critical = exception = fatal = msg
+    def msg_now(self, message: bytes) -> None:
+        self._pending.append(message)
+        self.flush()
+
+    log = debug = info = msg
+    warn = warning = error = err = critical = exception = fatal = msg_now
 
     def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if not self._pending:
             return
         data = b"\n".join(self._pending) + b"\n"
@@ -114,40 +130,54 @@ _writer: CoalescingLineWriter | None = None
 
 
 def flush_logs() -> None:
-    """Write out any lines still waiting for the loop's next turn (on shutdown)."""
+    """Write out the lines still waiting in the batch (on shutdown, in tests)."""
     if _writer is not None:
         _writer.flush()
 
 
-# The access line's logger. Until configure_logging runs (tests, embedding) it
-# is structlog's default; after, a lean one that writes the same JSON line.
+def reset_logging() -> None:
+    """Back to structlog's defaults, as before configure_logging (tests)."""
+    global _writer, _access_logger, _access_stamp
+    flush_logs()
+    _writer = None
+    _access_stamp = None
+    structlog.reset_defaults()
+    _access_logger = structlog.get_logger("sidecar.access")
+    logging.getLogger().handlers.clear()
+
+
+# Until configure_logging runs (tests, embedding) the access line goes through
+# structlog's default logger; after, it is rendered directly into the writer.
 _access_logger: Any = structlog.get_logger("sidecar.access")
 
 
-def access_logger() -> Any:
-    """The logger for the one access line per request."""
-    return _access_logger
+_access_stamp: IsoTimestamp | None = None
+
+
+def write_access_line(fields: dict[str, Any]) -> None:
+    """The one access line per request, shaped as every other log line."""
+    writer = _writer
+    if writer is None or _access_stamp is None:
+        _access_logger.info("request", **fields)
+        return
+    fields["event"] = "request"
+    fields["level"] = "info"
+    _access_stamp(None, "info", fields)
+    writer.msg(orjson.dumps(fields, default=str))
 
 
 def configure_logging(level: str = "info", stream: BinaryIO | None = None) -> None:
     """JSON lines on stdout for structlog and for the stdlib loggers aiohttp uses.
 
-    The access line has a processor chain of its own without the context-var
-    merge and exception formatting: it carries its request id explicitly and
-    never an exception, and it is the one line written for every request.
+    The access line skips structlog's processor chain (context-var merge,
+    exception formatting): it carries its request id explicitly, never has an
+    exception, and is the one line written for every request; it comes out in
+    the same shape as every other line.
     """
-    global _writer, _access_logger
+    global _writer, _access_stamp
     numeric = _LEVELS.get(level, logging.INFO)
+    _access_stamp = IsoTimestamp() if numeric <= logging.INFO else None
     writer = _writer = CoalescingLineWriter(stream or sys.stdout.buffer)
-    _access_logger = structlog.wrap_logger(
-        writer,
-        processors=[
-            structlog.processors.add_log_level,
-            IsoTimestamp(),
-            structlog.processors.JSONRenderer(serializer=_serialise),
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(numeric),
-    )
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,

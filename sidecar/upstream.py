@@ -19,6 +19,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from sidecar.config import UpstreamSettings
+from sidecar.deadlines import DeadlineWatch
 from sidecar.errors import StreamInterrupted, UpstreamError
 from sidecar.exchange import Exchange, Reply, StreamFormat
 from sidecar.observability import Metrics
@@ -92,6 +93,7 @@ class Upstream:
         self._metrics = metrics
         self._session: aiohttp.ClientSession | None = None
         self._fresh_session: aiohttp.ClientSession | None = None
+        self._deadlines = DeadlineWatch()
 
     async def start(self) -> None:
         """Open the pools; needs the running loop, hence not in __init__."""
@@ -118,6 +120,7 @@ class Upstream:
         )
 
     async def close(self) -> None:
+        self._deadlines.close()
         for session in (self._session, self._fresh_session):
             if session is not None:
                 await session.close()
@@ -148,7 +151,7 @@ class Upstream:
         sent_at = perf_counter()
         response: aiohttp.ClientResponse | None = None
         try:
-            async with asyncio.timeout_at(first_byte_deadline):
+            with self._deadlines.deadline(first_byte_deadline):
                 response = await self._request(
                     exchange.method, URL(target, encoded=True), headers, data
                 )
@@ -226,14 +229,16 @@ class Upstream:
     ) -> AsyncGenerator[bytes, None]:
         """The upstream's stream chunk by chunk, raising StreamInterrupted unless it ends well.
 
-        A timer is armed only when no data is buffered, so a busy stream costs no
-        timer per chunk. Closing this generator (client gone) closes the upstream
-        connection at once, which makes Ollama stop generating.
+        The idle deadline is checked only while waiting for data, and moving it
+        costs nothing, so a busy stream pays no timer per chunk. Closing this
+        generator (client gone) closes the upstream connection at once, which
+        makes Ollama stop generating.
         """
         loop = asyncio.get_running_loop()
         idle = self.settings.timeouts.idle
         content = response.content
         check = end_check(exchange.route.stream_end, stream_format)
+        waiting = self._deadlines.deadline(deadline)
         finished = False
         try:
             while True:
@@ -241,8 +246,9 @@ class Upstream:
                 if not chunk:
                     if content.at_eof():
                         break
+                    waiting.move(min(loop.time() + idle, deadline))
                     try:
-                        async with asyncio.timeout_at(min(loop.time() + idle, deadline)):
+                        with waiting:
                             chunk = await content.readany()
                     except TimeoutError:
                         reason = "total" if loop.time() >= deadline else "idle"

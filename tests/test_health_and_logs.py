@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -91,9 +90,7 @@ def json_logs() -> Iterator[Callable[[], list[dict[str, Any]]]]:
         return [orjson.loads(line) for line in stream.getvalue().splitlines()]
 
     yield lines
-    structlog.reset_defaults()
-    observability._access_logger = structlog.get_logger("sidecar.access")
-    logging.getLogger().handlers.clear()
+    observability.reset_logging()
 
 
 async def test_access_line_is_one_json_line_with_the_facts_and_never_the_key_or_body(
