@@ -78,22 +78,26 @@ class CoalescingLineWriter:
 
     A write (and an event-loop turn to make it) per access line costs more than
     the line itself; batching them, as nginx's `access_log ... flush=` does,
-    writes at most every `interval` or every `max_lines`. Warnings and errors,
+    writes at most every `interval` or every `max_bytes`. Warnings and errors,
     and every line outside a running loop (start-up, shutdown, the CLI), are
     written at once. The cost: a crash can lose the last `interval` of info lines.
     """
 
-    def __init__(self, stream: BinaryIO, interval: float = 0.1, max_lines: int = 256) -> None:
+    def __init__(self, stream: BinaryIO, interval: float = 0.1, max_bytes: int = 64 * 1024) -> None:
         self._stream = stream
         self._interval = interval
-        self._max_lines = max_lines
-        self._pending: list[bytes] = []
+        self._max_bytes = max_bytes
+        # Lines are copied into one buffer at once rather than kept as objects:
+        # keeping hundreds of small objects alive until the flush measurably
+        # slowed every request (fresh memory instead of the blocks just freed).
+        self._buffer = bytearray()
         self._timer: asyncio.TimerHandle | None = None
 
     def msg(self, message: bytes) -> None:
-        pending = self._pending
-        pending.append(message)
-        if len(pending) >= self._max_lines:
+        buffer = self._buffer
+        buffer += message
+        buffer += b"\n"
+        if len(buffer) >= self._max_bytes:
             self.flush()
         elif self._timer is None:
             try:
@@ -104,7 +108,8 @@ class CoalescingLineWriter:
             self._timer = loop.call_later(self._interval, self.flush)
 
     def msg_now(self, message: bytes) -> None:
-        self._pending.append(message)
+        self._buffer += message
+        self._buffer += b"\n"
         self.flush()
 
     log = debug = info = msg
@@ -114,16 +119,15 @@ class CoalescingLineWriter:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if not self._pending:
+        if not self._buffer:
             return
-        data = b"\n".join(self._pending) + b"\n"
-        self._pending.clear()
         try:
-            self._stream.write(data)
+            self._stream.write(self._buffer)
             self._stream.flush()
         except (OSError, ValueError):
             # A closed or broken stdout must not take requests down with it.
             pass
+        del self._buffer[:]
 
 
 _writer: CoalescingLineWriter | None = None
