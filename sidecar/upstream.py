@@ -9,7 +9,7 @@ is sent once more on a connection opened for it alone.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator
 from time import perf_counter
 from typing import Any
 
@@ -48,40 +48,44 @@ _NOT_FORWARDED_UP = HOP_BY_HOP | {
     "accept-encoding",
     "expect",
 }
+_NOT_FORWARDED_UP_NOR_AUTH = _NOT_FORWARDED_UP | {"authorization"}
 _NOT_FORWARDED_DOWN = HOP_BY_HOP | {"content-length", "content-encoding"}
 
 
-def _connection_tokens(headers: Mapping[str, str]) -> set[str]:
-    value = headers.get("Connection")
-    if not value:
-        return set()
-    return {token.strip().lower() for token in value.split(",")}
+def _drop(headers: CIMultiDict[str], names: frozenset[str]) -> None:
+    """Remove `names`, and every header the Connection header names (RFC 9110 §7.6.1)."""
+    connection = headers.get("Connection")
+    for name in names:
+        if name in headers:
+            del headers[name]
+    if connection:
+        for token in connection.split(","):
+            headers.popall(token.strip(), None)
 
 
 def outgoing_headers(
     client_headers: CIMultiDictProxy[str], extra: CIMultiDict[str], forward_authorization: bool
 ) -> CIMultiDict[str]:
-    """The client's end-to-end headers for the upstream, plus what policies added."""
-    dropped = _NOT_FORWARDED_UP | _connection_tokens(client_headers)
-    if not forward_authorization:
-        dropped = dropped | {"authorization"}
-    headers: CIMultiDict[str] = CIMultiDict(
-        (name, value) for name, value in client_headers.items() if name.lower() not in dropped
-    )
+    """The client's end-to-end headers for the upstream, plus what policies added.
+
+    Copied whole and trimmed (a C-level copy and a few lookups) rather than
+    filtered header by header in Python.
+    """
+    headers = CIMultiDict(client_headers)
+    _drop(headers, _NOT_FORWARDED_UP if forward_authorization else _NOT_FORWARDED_UP_NOR_AUTH)
     # No compression inside the pod: it costs CPU on both sides and would hide
     # the bytes from policies that watch them.
     headers["Accept-Encoding"] = "identity"
-    for name, value in extra.items():
-        headers[name] = value
+    if extra:
+        headers.update(extra)
     return headers
 
 
 def incoming_headers(upstream_headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     """The upstream's end-to-end response headers for the client."""
-    dropped = _NOT_FORWARDED_DOWN | _connection_tokens(upstream_headers)
-    return CIMultiDict(
-        (name, value) for name, value in upstream_headers.items() if name.lower() not in dropped
-    )
+    headers = CIMultiDict(upstream_headers)
+    _drop(headers, _NOT_FORWARDED_DOWN)
+    return headers
 
 
 class Upstream:
