@@ -23,6 +23,7 @@ from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
 from sidecar.chain import Next, Policy, PolicyContext, build_chain
 from sidecar.config import Settings
+from sidecar.deadlines import DeadlineWatch
 from sidecar.errors import SidecarError, dialect_for_path, error_response
 from sidecar.exchange import Exchange
 from sidecar.observability import Metrics, write_access_line
@@ -75,7 +76,8 @@ class Sidecar:
         self.settings = settings
         self.metrics = Metrics()
         self.metrics.in_flight.set_function(lambda: self._in_flight)
-        self.upstream = Upstream(settings.upstream, self.metrics)
+        self.deadlines = DeadlineWatch()
+        self.upstream = Upstream(settings.upstream, self.metrics, self.deadlines)
         self.runtime: Runtime | None = None
         self.draining = False
         self.port = 0
@@ -92,7 +94,8 @@ class Sidecar:
 
     @property
     def url(self) -> str:
-        return f"http://{self.settings.listen.host}:{self.port}"
+        host = self.settings.listen.host
+        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
 
     async def start(self) -> None:
         """Open the upstream pool, build the chain and start listening."""
@@ -146,6 +149,7 @@ class Sidecar:
         if self.runtime is not None:
             await close_runtime(self.runtime)
         await self.upstream.close()
+        self.deadlines.close()
         log.info("stopped")
 
     def _make_request(
@@ -209,7 +213,7 @@ class Sidecar:
             response = error_response(error, dialect)
             if exchange is not None and exchange.response_headers:
                 response.headers.update(exchange.response_headers)
-            if status == 413 or self.draining:
+            if status in (408, 413) or self.draining:
                 response.force_close()
             return response
         except (ClientGone, asyncio.CancelledError):
@@ -233,14 +237,23 @@ class Sidecar:
             self._account(request, route_name, status, started, exchange)
 
     async def _read_body(self, request: web.BaseRequest) -> bytes:
-        max_body = self.settings.limits.max_body
+        limits = self.settings.limits
+        max_body = limits.max_body
         length = request.content_length
         if length is not None and length > max_body:
             raise _too_large(max_body)
         if not request.body_exists:
             return b""
         try:
-            return await request.read()
+            # A client that announces a body and stalls must not hold a handler forever.
+            with self.deadlines.deadline(asyncio.get_running_loop().time() + limits.body_timeout):
+                return await request.read()
+        except TimeoutError:
+            raise SidecarError(
+                408,
+                f"the request body did not arrive within limits.body_timeout ({limits.body_timeout:g}s)",
+                code="request_timeout",
+            ) from None
         except web.HTTPRequestEntityTooLarge:
             raise _too_large(max_body) from None
         except RequestPayloadError as exc:

@@ -85,6 +85,9 @@ class LimitSettings(StrictModel):
     max_body: ByteSize = Field(
         32 * 1024**2, ge=1024, le=1024**3, description="Largest request body accepted (413 above)."
     )
+    body_timeout: Duration = Field(
+        30.0, gt=0, le=3600, description="Time to receive a whole request body (408 after)."
+    )
     max_header_size: ByteSize = Field(
         8190, ge=1024, le=1024**2, description="Longest request line or single header accepted."
     )

@@ -91,13 +91,15 @@ def incoming_headers(upstream_headers: CIMultiDictProxy[str]) -> CIMultiDict[str
 class Upstream:
     """Sends an Exchange to the upstream and returns its Reply, body unread for streams."""
 
-    def __init__(self, settings: UpstreamSettings, metrics: Metrics) -> None:
+    def __init__(
+        self, settings: UpstreamSettings, metrics: Metrics, deadlines: DeadlineWatch
+    ) -> None:
         self.settings = settings
         self.base_url = settings.url
         self._metrics = metrics
         self._session: aiohttp.ClientSession | None = None
         self._fresh_session: aiohttp.ClientSession | None = None
-        self._deadlines = DeadlineWatch()
+        self._deadlines = deadlines
 
     async def start(self) -> None:
         """Open the pools; needs the running loop, hence not in __init__."""
@@ -124,7 +126,6 @@ class Upstream:
         )
 
     async def close(self) -> None:
-        self._deadlines.close()
         for session in (self._session, self._fresh_session):
             if session is not None:
                 await session.close()

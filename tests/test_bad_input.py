@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -204,3 +205,23 @@ async def test_odd_but_valid_bodies_reach_ollama_and_its_answer_comes_back(
         async with http.post(f"{sidecar.url}{CHAT_PATH}", data=body) as response:
             assert 400 <= response.status < 500
             assert "error" in await response.json()
+
+
+async def test_a_stalled_body_is_408_and_frees_the_handler(
+    make_sidecar: SidecarFactory, fake: FakeOllama
+) -> None:
+    sidecar = await make_sidecar(limits={"body_timeout": "100ms"})
+    reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.port)
+    try:
+        writer.write(
+            f"POST {CHAT_PATH} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n".encode()
+            + b'{"model": "llama3.2:latest"'
+        )
+        await writer.drain()
+        async with asyncio.timeout(5):
+            answer = await reader.read(65536)
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 408")
+    assert b'"code":"request_timeout"' in answer
+    assert not fake.requests
