@@ -427,6 +427,22 @@ class _CountingServer(web.Server):
         super().connection_made(handler, transport)
 
 
+class _CutShort(web.Response):
+    """Announces the whole body's Content-Length, sends half of it, then drops the connection.
+
+    That is how a plain answer really breaks (the server dies mid-body): the
+    framing is what tells the client, not the JSON.
+    """
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        body = self.body
+        assert isinstance(body, bytes)
+        await web.StreamResponse.write(self, body[: len(body) // 2])
+        request = self._req
+        if request is not None and request.transport is not None:
+            request.transport.abort()
+
+
 class FakeOllama:
     """An Ollama stand-in on 127.0.0.1, with recording and failure injection.
 
@@ -613,8 +629,9 @@ class FakeOllama:
             self._abort(call)
             return web.Response()
         if kind == "end_without_done":
-            body = body[: len(body) // 2]
-        elif kind == "garbage_after":
+            call.closed_by_fake = True
+            return _CutShort(body=body, headers={"Content-Type": content_type})
+        if kind == "garbage_after":
             body = body.rstrip(b"\n") + b"\n" + GARBAGE + b"\n"
         return web.Response(body=body, headers={"Content-Type": content_type})
 

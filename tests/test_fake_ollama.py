@@ -380,6 +380,9 @@ async def test_end_without_done(fake: FakeOllama, session: aiohttp.ClientSession
     fake.inject(Fault("end_without_done", after_chunks=3))
     raw = (await post(session, fake, "/v1/chat/completions", CHAT | {"stream": True}))[2]
     assert len(sse_json(raw)) == 3 and b"[DONE]" not in raw
+    fake.inject(Fault("end_without_done"))
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await post(session, fake, "/v1/chat/completions", CHAT)  # non-stream: the body is cut short
 
 
 async def test_close_before_response(fake: FakeOllama, session: aiohttp.ClientSession) -> None:
