@@ -225,3 +225,37 @@ async def test_a_stalled_body_is_408_and_frees_the_handler(
     assert answer.startswith(b"HTTP/1.1 408")
     assert b'"code":"request_timeout"' in answer
     assert not fake.requests
+
+
+async def test_an_http_1_0_client_gets_its_stream_until_close(sidecar: Sidecar) -> None:
+    body = b'{"model":"llama3.2:latest","messages":[{"role":"user","content":"hi"}]}'
+    request = (
+        b"POST /api/chat HTTP/1.0\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.port)
+    try:
+        writer.write(request)
+        async with asyncio.timeout(5):
+            answer = await reader.read()  # HTTP/1.0: the body ends when the connection does
+    finally:
+        writer.close()
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200") or head.startswith(b"HTTP/1.1 200")
+    assert b"chunked" not in head.lower()
+    assert b'"done":true' in payload.splitlines()[-1]
+
+
+async def test_pipelined_requests_are_answered_in_order(sidecar: Sidecar) -> None:
+    one = b"GET /api/version HTTP/1.1\r\nHost: x\r\nX-Request-ID: first\r\n\r\n"
+    two = b"GET /api/tags HTTP/1.1\r\nHost: x\r\nX-Request-ID: second\r\nConnection: close\r\n\r\n"
+    reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.port)
+    try:
+        writer.write(one + two)
+        async with asyncio.timeout(5):
+            answer = await reader.read()
+    finally:
+        writer.close()
+    assert answer.count(b"HTTP/1.1 200") == 2
+    assert answer.index(b"X-Request-ID: first") < answer.index(b"X-Request-ID: second")
+    assert b'"models"' in answer.split(b"X-Request-ID: second", 1)[1]
