@@ -245,6 +245,9 @@ class Sidecar:
         if not request.body_exists:
             return b""
         try:
+            if request.content.is_eof():
+                # The whole body came with the headers (the common case): no wait to guard.
+                return await request.read()
             # A client that announces a body and stalls must not hold a handler forever.
             with self.deadlines.deadline(asyncio.get_running_loop().time() + limits.body_timeout):
                 return await request.read()

@@ -111,7 +111,7 @@ def end_check(marker: str | None, stream_format: str) -> StreamEndCheck | None:
 
 def stream_format_of(content_type: str | None) -> str | None:
     """'sse' or 'ndjson' for a streamed content type, None for a plain body."""
-    if not content_type:
+    if not content_type or content_type.startswith("application/json"):
         return None
     media_type = content_type.split(";", 1)[0].strip().lower()
     if media_type == "text/event-stream":

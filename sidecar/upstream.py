@@ -100,6 +100,7 @@ class Upstream:
         self._session: aiohttp.ClientSession | None = None
         self._fresh_session: aiohttp.ClientSession | None = None
         self._deadlines = deadlines
+        self._urls: dict[str, URL] = {}
 
     async def start(self) -> None:
         """Open the pools; needs the running loop, hence not in __init__."""
@@ -145,9 +146,7 @@ class Upstream:
         timeouts = self.settings.timeouts
         deadline = exchange.started_at + timeouts.total
         first_byte_deadline = min(loop.time() + timeouts.first_byte, deadline)
-        target = self.base_url + exchange.path
-        if exchange.query_string:
-            target += "?" + exchange.query_string
+        url = self._url(exchange.path, exchange.query_string)
         headers = outgoing_headers(
             exchange.headers, exchange.upstream_headers, self.settings.forward_authorization
         )
@@ -157,9 +156,7 @@ class Upstream:
         response: aiohttp.ClientResponse | None = None
         try:
             with self._deadlines.deadline(first_byte_deadline):
-                response = await self._request(
-                    exchange.method, URL(target, encoded=True), headers, data
-                )
+                response = await self._request(exchange.method, url, headers, data)
                 ttfb = perf_counter() - sent_at
                 facts["upstream_ttfb"] = ttfb
                 self._metrics.for_route(exchange.route.name).ttfb.observe(ttfb)
@@ -200,6 +197,17 @@ class Upstream:
             chunks=self._stream(response, exchange, stream_format, deadline, sent_at),
             stream_format=stream_format,
         )
+
+    def _url(self, path: str, query_string: str) -> URL:
+        """The upstream URL; the few route paths are parsed once, not per request."""
+        if query_string:
+            return URL(f"{self.base_url}{path}?{query_string}", encoded=True)
+        url = self._urls.get(path)
+        if url is None:
+            url = URL(self.base_url + path, encoded=True)
+            if len(self._urls) < 1024:  # /v1/models/{id} paths are open-ended
+                self._urls[path] = url
+        return url
 
     def _failure(self, status: int, reason: str, code: str, what: str) -> UpstreamError:
         self._metrics.upstream_errors.labels(reason).inc()
