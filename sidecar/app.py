@@ -27,7 +27,7 @@ from sidecar.deadlines import DeadlineWatch
 from sidecar.errors import SidecarError, dialect_for_path, error_response
 from sidecar.exchange import Exchange
 from sidecar.observability import Metrics, write_access_line
-from sidecar.relay import ClientGone, relay
+from sidecar.relay import relay
 from sidecar.routes import check_access, find_route
 from sidecar.upstream import Upstream
 
@@ -204,7 +204,7 @@ class Sidecar:
             )
             reply = await runtime.chain(exchange)
             response = await relay(request, reply, exchange)
-            status = response.status
+            status = 499 if exchange.facts.get("client_gone") else response.status
             if self.draining:
                 response.force_close()
             return response
@@ -216,7 +216,7 @@ class Sidecar:
             if status in (408, 413) or self.draining:
                 response.force_close()
             return response
-        except (ClientGone, asyncio.CancelledError):
+        except asyncio.CancelledError:
             status = 499
             raise
         except Exception:

@@ -13,12 +13,12 @@ from sidecar.errors import StreamInterrupted, stream_error_event
 from sidecar.exchange import Exchange, Reply
 
 
-class ClientGone(Exception):
-    """The client closed its connection while its answer was being written."""
-
-
 async def relay(request: web.BaseRequest, reply: Reply, exchange: Exchange) -> web.StreamResponse:
-    """Send `reply` to the client and return the (finished or prepared) response."""
+    """Send `reply` to the client and return the (finished or prepared) response.
+
+    A client that goes away mid-stream is noted as `facts["client_gone"]`; the
+    upstream stream is closed either way.
+    """
     headers = reply.headers
     if exchange.response_headers:
         headers.update(exchange.response_headers)
@@ -52,8 +52,11 @@ async def relay(request: web.BaseRequest, reply: Reply, exchange: Exchange) -> w
                 prefix + stream_error_event(broken.message, broken.code, stream_format)
             )
         await response.write_eof()
-    except ConnectionError as exc:
-        raise ClientGone() from exc
+    except ConnectionError:
+        # The client went away mid-answer. Hand the response back as it is:
+        # aiohttp sees the closed connection itself and ends quietly, where an
+        # exception would be logged as a server error and answered with a 500.
+        exchange.facts["client_gone"] = True
     finally:
         exchange.facts["bytes_out"] = sent
         await chunks.aclose()

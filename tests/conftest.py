@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+import io
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 
+from sidecar import observability
 from sidecar.app import Sidecar
 from sidecar.config import parse_settings
 from tests.fake_ollama import FakeOllama
 
 SidecarFactory = Callable[..., Awaitable[Sidecar]]
+JsonLogs = Callable[[], list[dict[str, Any]]]
 
 
 @pytest.fixture
@@ -81,3 +85,17 @@ async def raw_http(port: int, request: bytes, read_timeout: float = 5.0) -> tupl
         writer.close()
     status = int(head.split(b" ")[1]) if head.startswith(b"HTTP/") else 0
     return status, answer
+
+
+@pytest.fixture
+def json_logs() -> Iterator[JsonLogs]:
+    """The sidecar's real log output (JSON lines), captured instead of written to stdout."""
+    stream = io.BytesIO()
+    observability.configure_logging("info", stream=stream)
+
+    def lines() -> list[dict[str, Any]]:
+        observability.flush_logs()
+        return [orjson.loads(line) for line in stream.getvalue().splitlines()]
+
+    yield lines
+    observability.reset_logging()

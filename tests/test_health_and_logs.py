@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import io
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
 import orjson
-import pytest
 import structlog
 from structlog.testing import capture_logs
 
-from sidecar import observability
 from sidecar.app import Sidecar
 from tests.conftest import SidecarFactory
 from tests.fake_ollama import FakeOllama
@@ -77,20 +74,6 @@ async def test_metrics_count_requests_latency_and_overhead(
     ):
         assert name in text, name
     assert 'ollama_sidecar_overhead_seconds_count{route="/v1/chat/completions"} 1.0' in text
-
-
-@pytest.fixture
-def json_logs() -> Iterator[Callable[[], list[dict[str, Any]]]]:
-    """The sidecar's real log output (JSON lines), captured instead of written to stdout."""
-    stream = io.BytesIO()
-    observability.configure_logging("info", stream=stream)
-
-    def lines() -> list[dict[str, Any]]:
-        observability.flush_logs()
-        return [orjson.loads(line) for line in stream.getvalue().splitlines()]
-
-    yield lines
-    observability.reset_logging()
 
 
 async def test_access_line_is_one_json_line_with_the_facts_and_never_the_key_or_body(

@@ -10,7 +10,7 @@ import pytest
 from aiohttp import web
 
 from sidecar.app import Sidecar
-from tests.conftest import SidecarFactory
+from tests.conftest import JsonLogs, SidecarFactory
 from tests.fake_ollama import FakeOllama, Fault
 
 CHAT = {"model": "llama3.2:latest", "messages": [{"role": "user", "content": "hi there"}]}
@@ -423,3 +423,24 @@ async def test_client_disconnect_before_the_first_byte_cancels_the_upstream_requ
         await asyncio.wait_for(sidecar._idle.wait(), 5)
     finally:
         await runner.cleanup()
+
+
+async def test_a_client_gone_mid_stream_is_a_quiet_499(
+    sidecar: Sidecar, fake: FakeOllama, http: aiohttp.ClientSession, json_logs: JsonLogs
+) -> None:
+    never = asyncio.Event()
+
+    async def hold(index: int) -> None:
+        if index >= 2:
+            await never.wait()
+
+    fake.between_chunks = hold
+    response = await http.post(f"{sidecar.url}/api/chat", json=CHAT)
+    await response.content.readline()
+    response.close()
+    await asyncio.wait_for(fake.stream_closed_by_peer.wait(), 5)
+    assert sidecar._idle is not None
+    await asyncio.wait_for(sidecar._idle.wait(), 5)
+    lines = json_logs()
+    assert [line["status"] for line in lines if line["event"] == "request"] == [499]
+    assert not [line for line in lines if line["level"] in ("error", "critical", "exception")]
