@@ -42,28 +42,28 @@ class Runtime:
 
     settings: Settings
     chain: Next
-    policies: list[Policy] = field(default_factory=list)
+    policies: list[tuple[str, Policy]] = field(default_factory=list)
     allowed_management: frozenset[str] = frozenset()
 
 
 async def build_runtime(settings: Settings, metrics: Metrics, upstream: Upstream) -> Runtime:
     """Instantiate the configured policies around the upstream and start those that need it."""
     context = PolicyContext(settings=settings, metrics=metrics)
-    policies: list[Policy] = [entry.factory(entry.options, context) for entry in settings.policies]
-    for policy in policies:
+    policies = [(entry.name, entry.factory(entry.options, context)) for entry in settings.policies]
+    for _, policy in policies:
         start = getattr(policy, "start", None)
         if start is not None:
             await start()
     return Runtime(
         settings=settings,
-        chain=build_chain(policies, upstream.send),
+        chain=build_chain([policy for _, policy in policies], upstream.send),
         policies=policies,
         allowed_management=frozenset(settings.management.allow),
     )
 
 
 async def close_runtime(runtime: Runtime) -> None:
-    for policy in reversed(runtime.policies):
+    for _, policy in reversed(runtime.policies):
         close = getattr(policy, "close", None)
         if close is not None:
             await close()
@@ -313,9 +313,21 @@ class Sidecar:
         if self.draining:
             return _json_response(503, {"status": "draining"})
         ready, detail = await self._check_upstream()
+        policies = self._policy_detail()
+        if policies:
+            detail = {**detail, "policies": policies}
         return _json_response(
             200 if ready else 503, {"status": "ready" if ready else "not ready", **detail}
         )
+
+    def _policy_detail(self) -> dict[str, Any]:
+        """What policies report of themselves (a breaker's state, say), by name."""
+        detail: dict[str, Any] = {}
+        for name, policy in self.runtime.policies if self.runtime else ():
+            readiness = getattr(policy, "readiness", None)
+            if readiness is not None:
+                detail[name] = readiness()
+        return detail
 
     async def _check_upstream(self) -> tuple[bool, dict[str, Any]]:
         """Ask the upstream, at most once per `readiness.cache_for`, however many probes come."""

@@ -8,7 +8,9 @@ policy sees the reply before anything reaches the client: it may call
 
 from __future__ import annotations
 
+import asyncio
 import importlib
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -30,17 +32,28 @@ ENTRY_POINT_GROUP = "ollama_sidecar.policies"
 
 @runtime_checkable
 class Policy(Protocol):
-    """One step of the chain. Optional `start()` / `close()` coroutines are called if present."""
+    """One step of the chain.
+
+    Optional extras the app uses when a policy has them: `async start()` and
+    `async close()` (lifecycle), `readiness() -> dict` (shown under the policy's
+    name in /readyz detail).
+    """
 
     async def __call__(self, exchange: Exchange, call_next: Next) -> Reply: ...
 
 
 @dataclass(frozen=True, slots=True)
 class PolicyContext:
-    """What a policy may use when it is built: the whole settings and the metrics."""
+    """What a policy may use when it is built: the whole settings, the metrics, the clock.
+
+    `clock` and `sleep` are injectable so that policies whose behaviour depends
+    on time (backoff, breaker windows) are tested on a fake clock, not real sleeps.
+    """
 
     settings: Settings
     metrics: Metrics
+    clock: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
 
 
 class PolicyFactory(Protocol):

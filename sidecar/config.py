@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from sidecar.chain import PolicyFactory, UnknownPolicy, find_policy
-from sidecar.routes import MANAGEMENT_NAMES
+from sidecar.routes import MANAGEMENT_NAMES, ROUTE_NAMES
 from sidecar.units import parse_duration, parse_size
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
@@ -53,12 +53,33 @@ class TimeoutSettings(StrictModel):
     total: Duration = Field(900.0, gt=0, le=86400, description="Longest a whole request may take.")
 
 
+class TimeoutOverrides(StrictModel):
+    """Per-route changes to the upstream timeouts; what is left out keeps the default."""
+
+    connect: Duration | None = Field(
+        None, gt=0, le=300, description="Time to open a TCP connection."
+    )
+    first_byte: Duration | None = Field(
+        None, gt=0, le=86400, description="Time to the response headers."
+    )
+    idle: Duration | None = Field(
+        None, gt=0, le=86400, description="Longest pause between stream chunks."
+    )
+    total: Duration | None = Field(
+        None, gt=0, le=86400, description="Longest a whole request may take."
+    )
+
+
 class UpstreamSettings(StrictModel):
     url: str = Field(
         "http://127.0.0.1:11434", description="Base URL of Ollama (or a compatible server)."
     )
     timeouts: TimeoutSettings = Field(
         default_factory=TimeoutSettings, description="Upstream timeouts."
+    )
+    route_timeouts: dict[str, TimeoutOverrides] = Field(
+        default_factory=dict,
+        description="Timeouts for single routes, e.g. {/api/embed: {first_byte: 30s}}.",
     )
     max_connections: int = Field(
         100, ge=1, le=10000, description="Size of the keep-alive connection pool to the upstream."
@@ -79,6 +100,24 @@ class UpstreamSettings(StrictModel):
         if parts.query or parts.fragment:
             raise ValueError("the upstream URL takes no query or fragment")
         return value.rstrip("/")
+
+    @field_validator("route_timeouts")
+    @classmethod
+    def _known_routes(cls, value: dict[str, TimeoutOverrides]) -> dict[str, TimeoutOverrides]:
+        unknown = sorted(set(value) - set(ROUTE_NAMES))
+        if unknown:
+            raise ValueError(
+                f"unknown route(s) {', '.join(unknown)}; routes are: {', '.join(ROUTE_NAMES)}"
+            )
+        return value
+
+    def timeouts_for(self, route: str) -> TimeoutSettings:
+        """The timeouts of one route: its overrides on top of `timeouts`."""
+        overrides = self.route_timeouts.get(route)
+        if overrides is None:
+            return self.timeouts
+        changed = overrides.model_dump(exclude_none=True)
+        return self.timeouts.model_copy(update=changed)
 
 
 class LimitSettings(StrictModel):

@@ -35,6 +35,9 @@ class Exchange:
     body: bytes
     request_id: str = ""
     started_at: float = 0.0
+    # The upstream base URL for this attempt; None: the configured `upstream.url`.
+    # The routing policy sets it (with facts["upstream"], the upstream's name).
+    target: str | None = None
     # Shared per-request facts: model, stream, tokens, cache result, attempts...
     facts: dict[str, Any] = field(default_factory=dict)
     # Extra headers a policy wants sent to the upstream / added to the client's reply.
@@ -52,7 +55,11 @@ class Exchange:
         return self._json
 
     def set_json(self, document: dict[str, Any]) -> None:
-        """Replace the body a policy rewrote (e.g. an aliased model)."""
+        """Replace the body a policy rewrote (e.g. an aliased model).
+
+        Other policies see the new model at once; the bytes are re-serialised
+        only here, so the common case forwards the client's bytes untouched.
+        """
         self._json = document
         self._json_parsed = True
         self.body = orjson.dumps(document)

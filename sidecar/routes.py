@@ -71,6 +71,7 @@ MODEL_ROUTE = _route("/v1/models/{model}", "GET")
 BLOBS_ROUTE = _route("/api/blobs/{digest}", "HEAD", "POST", management="blobs")
 
 MANAGEMENT_NAMES = ("pull", "push", "create", "copy", "delete", "blobs")
+ROUTE_NAMES = (*ROUTES, MODEL_ROUTE.name, BLOBS_ROUTE.name)
 
 
 @dataclass(frozen=True, slots=True)

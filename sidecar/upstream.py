@@ -101,6 +101,14 @@ class Upstream:
         self._fresh_session: aiohttp.ClientSession | None = None
         self._deadlines = deadlines
         self._urls: dict[str, URL] = {}
+        self._timeouts = {route: settings.timeouts_for(route) for route in settings.route_timeouts}
+        self._connect_timeouts = {
+            route: aiohttp.ClientTimeout(total=None, sock_connect=timeouts.connect)
+            for route, timeouts in self._timeouts.items()
+        }
+        self._default_connect_timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=settings.timeouts.connect
+        )
 
     async def start(self) -> None:
         """Open the pools; needs the running loop, hence not in __init__."""
@@ -143,10 +151,10 @@ class Upstream:
         if exchange.route.json_body:
             exchange.json  # noqa: B018 - raises the 400 for a body that is not a JSON object
         loop = asyncio.get_running_loop()
-        timeouts = self.settings.timeouts
+        timeouts = self._timeouts.get(exchange.route.name, self.settings.timeouts)
         deadline = exchange.started_at + timeouts.total
         first_byte_deadline = min(loop.time() + timeouts.first_byte, deadline)
-        url = self._url(exchange.path, exchange.query_string)
+        url = self._url(exchange.target or self.base_url, exchange.path, exchange.query_string)
         headers = outgoing_headers(
             exchange.headers, exchange.upstream_headers, self.settings.forward_authorization
         )
@@ -156,7 +164,13 @@ class Upstream:
         response: aiohttp.ClientResponse | None = None
         try:
             with self._deadlines.deadline(first_byte_deadline):
-                response = await self._request(exchange.method, url, headers, data)
+                response = await self._request(
+                    exchange.method,
+                    url,
+                    headers,
+                    data,
+                    self._connect_timeouts.get(exchange.route.name, self._default_connect_timeout),
+                )
                 ttfb = perf_counter() - sent_at
                 facts["upstream_ttfb"] = ttfb
                 self._metrics.for_route(exchange.route.name).ttfb.observe(ttfb)
@@ -168,10 +182,15 @@ class Upstream:
                 response.close()
             limit = "total" if deadline <= first_byte_deadline else "first_byte"
             raise self._failure(
-                504, "timeout", "upstream_timeout", f"did not answer in time ({limit} timeout)"
+                exchange,
+                504,
+                "timeout",
+                "upstream_timeout",
+                f"did not answer in time ({limit} timeout)",
             ) from None
         except aiohttp.ClientConnectorError as exc:
             raise self._failure(
+                exchange,
                 502,
                 "unreachable",
                 "upstream_unreachable",
@@ -181,6 +200,7 @@ class Upstream:
             if response is not None:
                 response.close()
             raise self._failure(
+                exchange,
                 502,
                 "disconnected",
                 "upstream_disconnected",
@@ -198,28 +218,42 @@ class Upstream:
             stream_format=stream_format,
         )
 
-    def _url(self, path: str, query_string: str) -> URL:
+    def _url(self, base: str, path: str, query_string: str) -> URL:
         """The upstream URL; the few route paths are parsed once, not per request."""
         if query_string:
-            return URL(f"{self.base_url}{path}?{query_string}", encoded=True)
-        url = self._urls.get(path)
+            return URL(f"{base}{path}?{query_string}", encoded=True)
+        key = base + path
+        url = self._urls.get(key)
         if url is None:
-            url = URL(self.base_url + path, encoded=True)
+            url = URL(key, encoded=True)
             if len(self._urls) < 1024:  # /v1/models/{id} paths are open-ended
-                self._urls[path] = url
+                self._urls[key] = url
         return url
 
-    def _failure(self, status: int, reason: str, code: str, what: str) -> UpstreamError:
+    def _failure(
+        self, exchange: Exchange, status: int, reason: str, code: str, what: str
+    ) -> UpstreamError:
         self._metrics.upstream_errors.labels(reason).inc()
-        return UpstreamError(status, f"the upstream at {self.base_url} {what}", code=code)
+        base = exchange.target or self.base_url
+        return UpstreamError(status, f"the upstream at {base} {what}", code=code)
 
     async def _request(
-        self, method: str, url: URL, headers: CIMultiDict[str], data: bytes | None
+        self,
+        method: str,
+        url: URL,
+        headers: CIMultiDict[str],
+        data: bytes | None,
+        connect_timeout: aiohttp.ClientTimeout,
     ) -> aiohttp.ClientResponse:
         assert self._session is not None and self._fresh_session is not None
         try:
             return await self._session.request(
-                method, url, headers=headers, data=data, allow_redirects=False
+                method,
+                url,
+                headers=headers,
+                data=data,
+                allow_redirects=False,
+                timeout=connect_timeout,
             )
         except aiohttp.ClientConnectorError:
             raise
@@ -229,7 +263,12 @@ class Upstream:
             self._metrics.keepalive_resends.inc()
             log.info("upstream_resend_fresh_connection", reason=exc.__class__.__name__)
             return await self._fresh_session.request(
-                method, url, headers=headers, data=data, allow_redirects=False
+                method,
+                url,
+                headers=headers,
+                data=data,
+                allow_redirects=False,
+                timeout=connect_timeout,
             )
 
     async def _stream(
@@ -248,7 +287,7 @@ class Upstream:
         makes Ollama stop generating.
         """
         loop = asyncio.get_running_loop()
-        idle = self.settings.timeouts.idle
+        idle = self._timeouts.get(exchange.route.name, self.settings.timeouts).idle
         content = response.content
         check = end_check(exchange.route.stream_end, stream_format)
         waiting = self._deadlines.deadline(deadline)

@@ -103,6 +103,8 @@ class Fault:
     after_chunks: int = 1
     delay: float = 0.0
     release: asyncio.Event | None = None
+    # Extra response headers for kind="status"/"busy", e.g. {"Retry-After": "1"}.
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -125,10 +127,11 @@ def not_found_message(model: str) -> str:
 class _ApiError(Exception):
     """An error answer, raised anywhere in a handler and rendered in the route's shape."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers or {}
 
 
 @dataclass
@@ -467,6 +470,10 @@ class FakeOllama:
         self.stream_closed_by_peer = asyncio.Event()
         self.active_streams = 0
         self.connections_opened = 0
+        # Generation requests being answered now, and the most there ever were at once
+        # (a stream counts until its last byte is written).
+        self.in_flight = 0
+        self.peak_in_flight = 0
         self.port = 0
         self.url = ""
         self._faults: deque[Fault] = deque()
@@ -571,14 +578,23 @@ class FakeOllama:
             )
         handler, param = route
         call = _Call(request, record, _shape_of(request.path), self._take_fault(request), param)
+        generation = request.path in GENERATION_PATHS
+        if generation:
+            self.in_flight += 1
+            self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
         try:
             early = await self._early_fault(call)
             return early if early is not None else await handler(call)
         except _ApiError as error:
             body, content_type = _error_body(call.shape, error.status, error.message)
             return web.Response(
-                status=error.status, body=body, headers={"Content-Type": content_type}
+                status=error.status,
+                body=body,
+                headers={"Content-Type": content_type, **error.headers},
             )
+        finally:
+            if generation:
+                self.in_flight -= 1
 
     async def _record(self, request: web.BaseRequest) -> RecordedRequest:
         body = await request.read()
@@ -604,9 +620,9 @@ class FakeOllama:
         if fault is None:
             return None
         if fault.kind == "status":
-            raise _ApiError(fault.status, fault.message)
+            raise _ApiError(fault.status, fault.message, fault.headers)
         if fault.kind == "busy":
-            raise _ApiError(503, BUSY_MESSAGE)
+            raise _ApiError(503, BUSY_MESSAGE, fault.headers)
         if fault.kind == "close_before_response":
             if call.request.transport is not None:
                 call.request.transport.close()

@@ -221,3 +221,17 @@ def test_third_party_policies_load_from_entry_points(monkeypatch: pytest.MonkeyP
     from policies.correlation import Correlation
 
     assert settings.policies[0].factory is Correlation
+
+
+def test_route_timeouts_name_known_routes_and_inherit_the_rest() -> None:
+    settings = parse_settings(
+        {"upstream": {"route_timeouts": {"/api/embed": {"first_byte": "30s"}}}}
+    )
+    embed = settings.upstream.timeouts_for("/api/embed")
+    assert embed.first_byte == 30
+    assert embed.idle == settings.upstream.timeouts.idle
+    assert settings.upstream.timeouts_for("/api/chat") == settings.upstream.timeouts
+    with pytest.raises(ConfigError) as caught:
+        parse_settings({"upstream": {"route_timeouts": {"/api/nope": {"idle": "1s"}}}})
+    assert caught.value.problems[0][0] == "upstream.route_timeouts"
+    assert "unknown route" in caught.value.problems[0][1]

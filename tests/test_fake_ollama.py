@@ -486,3 +486,30 @@ async def test_openai_client_against_the_fake(fake: FakeOllama) -> None:
         assert models == fake.models
     finally:
         await client.close()
+
+
+async def test_fault_headers_and_in_flight_counting(
+    fake: FakeOllama, session: aiohttp.ClientSession
+) -> None:
+    fake.inject(Fault("status", status=429, message="slow down", headers={"Retry-After": "2"}))
+    async with session.post(f"{fake.url}/v1/chat/completions", json=CHAT) as response:
+        assert response.status == 429
+        assert response.headers["Retry-After"] == "2"
+    release = asyncio.Event()
+
+    async def hold(index: int) -> None:
+        await release.wait()
+
+    fake.between_chunks = hold
+    streams = [
+        asyncio.create_task(session.post(f"{fake.url}/api/chat", json=CHAT)) for _ in range(3)
+    ]
+    responses = [await stream for stream in streams]
+    for response in responses:
+        await response.content.readline()
+    assert fake.in_flight == 3
+    release.set()
+    for response in responses:
+        await response.read()
+        response.release()
+    assert fake.peak_in_flight == 3

@@ -444,3 +444,28 @@ async def test_a_client_gone_mid_stream_is_a_quiet_499(
     lines = json_logs()
     assert [line["status"] for line in lines if line["event"] == "request"] == [499]
     assert not [line for line in lines if line["level"] in ("error", "critical", "exception")]
+
+
+async def test_route_timeouts_override_the_default_for_one_route(
+    make_sidecar: SidecarFactory, fake: FakeOllama, http: aiohttp.ClientSession
+) -> None:
+    sidecar = await make_sidecar(
+        upstream={"route_timeouts": {"/v1/embeddings": {"first_byte": "100ms"}}}
+    )
+    release = asyncio.Event()
+    fake.inject(Fault("delay_headers", release=release))
+    try:
+        body = {"model": "nomic-embed-text:latest", "input": "x"}
+        async with http.post(f"{sidecar.url}/v1/embeddings", json=body) as response:
+            assert response.status == 504
+    finally:
+        release.set()
+    # Other routes keep the generous default.
+    release = asyncio.Event()
+    fake.inject(Fault("delay_headers", release=release))
+    request = asyncio.create_task(http.post(f"{sidecar.url}/v1/chat/completions", json=CHAT))
+    await asyncio.sleep(0.3)  # well past the embeddings override, far below the default
+    assert not request.done()
+    release.set()
+    async with await request as response:
+        assert response.status == 200
