@@ -1,5 +1,5 @@
 """Built-in policies, one module each; importing this package registers them all by name."""
 
-from policies import correlation
+from policies import correlation, routing
 
-__all__ = ["correlation"]
+__all__ = ["correlation", "routing"]
