@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, field
+from collections.abc import Coroutine
 from typing import Any
 
 import aiohttp
@@ -21,7 +21,6 @@ from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
-from sidecar.chain import Next, Policy, PolicyContext, build_chain
 from sidecar.config import Settings
 from sidecar.deadlines import DeadlineWatch
 from sidecar.errors import SidecarError, dialect_for_path, error_response
@@ -29,44 +28,12 @@ from sidecar.exchange import Exchange
 from sidecar.observability import Metrics, write_access_line
 from sidecar.relay import relay
 from sidecar.routes import check_access, find_route
+from sidecar.runtime import Runtime, build_runtime, close_runtime
 from sidecar.upstream import Upstream
 
 log = structlog.get_logger("sidecar")
 
 _METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-
-
-@dataclass(slots=True)
-class Runtime:
-    """What one config builds: the chain and the policies in it. A reload swaps it whole."""
-
-    settings: Settings
-    chain: Next
-    policies: list[tuple[str, Policy]] = field(default_factory=list)
-    allowed_management: frozenset[str] = frozenset()
-
-
-async def build_runtime(settings: Settings, metrics: Metrics, upstream: Upstream) -> Runtime:
-    """Instantiate the configured policies around the upstream and start those that need it."""
-    context = PolicyContext(settings=settings, metrics=metrics)
-    policies = [(entry.name, entry.factory(entry.options, context)) for entry in settings.policies]
-    for _, policy in policies:
-        start = getattr(policy, "start", None)
-        if start is not None:
-            await start()
-    return Runtime(
-        settings=settings,
-        chain=build_chain([policy for _, policy in policies], upstream.send),
-        policies=policies,
-        allowed_management=frozenset(settings.management.allow),
-    )
-
-
-async def close_runtime(runtime: Runtime) -> None:
-    for _, policy in reversed(runtime.policies):
-        close = getattr(policy, "close", None)
-        if close is not None:
-            await close()
 
 
 class Sidecar:
@@ -77,9 +44,20 @@ class Sidecar:
         self.metrics = Metrics()
         self.metrics.in_flight.set_function(lambda: self._in_flight)
         self.deadlines = DeadlineWatch()
-        self.upstream = Upstream(settings.upstream, self.metrics, self.deadlines)
         self.runtime: Runtime | None = None
+        self.generation = 0
         self.draining = False
+        self._retired: set[Runtime] = set()
+        self._background: set[asyncio.Task[None]] = set()
+        self._reload_lock: asyncio.Lock | None = None
+        self._reloads = self.metrics.counter(
+            "config_reloads_total",
+            "Config reloads, by result: applied, rejected, unchanged.",
+            ("result",),
+        )
+        self._generation_gauge = self.metrics.gauge(
+            "config_generation", "How many configs this process has applied (1 = the first).", ()
+        )
         self.port = 0
         self._in_flight = 0
         self._idle: asyncio.Event | None = None
@@ -97,13 +75,21 @@ class Sidecar:
         host = self.settings.listen.host
         return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
 
+    @property
+    def upstream(self) -> Upstream:
+        """The upstream client new requests use."""
+        assert self.runtime is not None, "start() first"
+        return self.runtime.upstream
+
     async def start(self) -> None:
         """Open the upstream pool, build the chain and start listening."""
         self._idle = asyncio.Event()
         self._idle.set()
         self._ready_lock = asyncio.Lock()
-        await self.upstream.start()
-        self.runtime = await build_runtime(self.settings, self.metrics, self.upstream)
+        self._reload_lock = asyncio.Lock()
+        self.runtime = await build_runtime(self.settings, self.metrics, self.deadlines)
+        self.generation = 1
+        self._generation_gauge.set(1)
         limits = self.settings.limits
         server = web.Server(
             self.handle,
@@ -146,11 +132,68 @@ class Sidecar:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        for retired in list(self._retired):
+            await close_runtime(retired, keep_upstream=retired.upstream is self._current_upstream())
+        self._retired.clear()
         if self.runtime is not None:
             await close_runtime(self.runtime)
-        await self.upstream.close()
         self.deadlines.close()
         log.info("stopped")
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run `work` in the background, holding the task so it is not collected mid-way."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _current_upstream(self) -> Upstream | None:
+        return self.runtime.upstream if self.runtime is not None else None
+
+    async def apply(self, settings: Settings) -> bool:
+        """Swap in a new config for new requests; in-flight ones finish on the old one.
+
+        Returns False (and changes nothing) when the new config cannot be built.
+        The listen address cannot change without a restart: a new one is
+        reported and ignored.
+        """
+        assert self._reload_lock is not None and self.runtime is not None, "start() first"
+        async with self._reload_lock:
+            old = self.runtime
+            if settings.listen != old.settings.listen:
+                log.warning(
+                    "reload_listen_ignored",
+                    reason="the listen address changes only on restart",
+                    running=f"{old.settings.listen.host}:{old.settings.listen.port}",
+                )
+                settings = settings.model_copy(update={"listen": old.settings.listen})
+            try:
+                new = await build_runtime(
+                    settings, self.metrics, self.deadlines, reuse_upstream=old.upstream
+                )
+            except Exception as exc:
+                self._reloads.labels("rejected").inc()
+                log.error("reload_failed", error=str(exc) or exc.__class__.__name__)
+                return False
+            self.runtime = new
+            self.settings = settings
+            self.generation += 1
+            self._generation_gauge.set(self.generation)
+            self._reloads.labels("applied").inc()
+            log.info("reloaded", generation=self.generation, config=settings.summary())
+            old.retired = True
+            self._retired.add(old)
+            if old.active == 0:
+                await self._close_retired(old)
+            return True
+
+    async def _close_retired(self, runtime: Runtime) -> None:
+        self._retired.discard(runtime)
+        await close_runtime(runtime, keep_upstream=runtime.upstream is self._current_upstream())
+
+    def reject_reload(self, problems: list[str]) -> None:
+        """Record a config that did not validate; the running one stays."""
+        self._reloads.labels("rejected").inc()
+        log.error("reload_rejected", problems=problems)
 
     def _make_request(
         self,
@@ -179,6 +222,7 @@ class Sidecar:
     async def _proxy(self, request: web.BaseRequest) -> web.StreamResponse:
         runtime = self.runtime
         assert runtime is not None and self._idle is not None
+        runtime.active += 1
         started = time.perf_counter()
         loop_started = asyncio.get_running_loop().time()
         raw_path, _, query_string = request.raw_path.partition("?")
@@ -234,6 +278,9 @@ class Sidecar:
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()
+            runtime.active -= 1
+            if runtime.retired and runtime.active == 0:
+                self._spawn(self._close_retired(runtime))
             self._account(request, route_name, status, started, exchange)
 
     async def _read_body(self, request: web.BaseRequest) -> bytes:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
@@ -41,21 +42,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "check-config":
         return check_config(args.file)
+    overrides: dict[tuple[str, ...], Any] = {
+        ("listen", "host"): args.host,
+        ("listen", "port"): args.port,
+        ("upstream", "url"): args.upstream,
+    }
+    config_path = args.config or os.environ.get("SIDECAR_CONFIG") or None
+
+    def load() -> Settings:
+        # The same sources, in the same order, at start and at every reload.
+        return load_settings(config_path, overrides=overrides)
+
     try:
-        settings = load_settings(
-            args.config,
-            overrides={
-                ("listen", "host"): args.host,
-                ("listen", "port"): args.port,
-                ("upstream", "url"): args.upstream,
-            },
-        )
+        settings = load()
     except ConfigError as error:
         for line in error.lines():
             print(f"config error: {line}", file=sys.stderr)
         return 2
     configure_logging(settings.logging.level)
-    return _run(lambda: serve(settings))
+    return _run(lambda: serve(settings, load, config_path))
 
 
 def check_config(path: str) -> int:
@@ -71,9 +76,13 @@ def check_config(path: str) -> int:
     return 0
 
 
-async def serve(settings: Settings) -> int:
-    """Run until SIGTERM or SIGINT, then drain within shutdown.grace and exit 0."""
+async def serve(settings: Settings, load: Callable[[], Settings], config_path: str | None) -> int:
+    """Run until SIGTERM or SIGINT, then drain within shutdown.grace and exit 0.
+
+    SIGHUP, or a change of the config file, applies the config anew.
+    """
     from sidecar.app import Sidecar
+    from sidecar.reload import ConfigWatcher
 
     sidecar = Sidecar(settings)
     stop = asyncio.Event()
@@ -89,7 +98,12 @@ async def serve(settings: Settings) -> int:
         )
         await sidecar.stop(grace=0)
         return 1
+    watcher = ConfigWatcher(sidecar, load, config_path)
+    loop.add_signal_handler(signal.SIGHUP, watcher.trigger)
+    watching = loop.create_task(watcher.run())
     await stop.wait()
+    watching.cancel()
+    loop.remove_signal_handler(signal.SIGHUP)
     await sidecar.stop()
     flush_logs()
     return 0

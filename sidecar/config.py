@@ -152,6 +152,15 @@ class ReadinessSettings(StrictModel):
     timeout: Duration = Field(2.0, gt=0, le=60, description="Time the upstream check may take.")
 
 
+class ReloadSettings(StrictModel):
+    watch: bool = Field(
+        True, description="Reload when the config file changes (SIGHUP always reloads)."
+    )
+    interval: Duration = Field(
+        2.0, ge=0.05, le=300, description="How often the config file is checked for a change."
+    )
+
+
 class LoggingSettings(StrictModel):
     level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Lowest level written; the access line is info."
@@ -199,6 +208,9 @@ class Settings(StrictModel):
         default_factory=ReadinessSettings, description="How /readyz checks the upstream."
     )
     logging: LoggingSettings = Field(default_factory=LoggingSettings, description="Log output.")
+    reload: ReloadSettings = Field(
+        default_factory=ReloadSettings, description="Applying a changed config without a restart."
+    )
     policies: tuple[ConfiguredPolicy, ...] = Field((), description="The chain, outermost first.")
 
     def summary(self) -> str:

@@ -13,7 +13,7 @@ import pytest
 
 from sidecar import observability
 from sidecar.app import Sidecar
-from sidecar.config import parse_settings
+from sidecar.config import Settings, parse_settings
 from tests.fake_ollama import FakeOllama
 
 SidecarFactory = Callable[..., Awaitable[Sidecar]]
@@ -26,7 +26,7 @@ async def fake() -> AsyncIterator[FakeOllama]:
         yield server
 
 
-def settings_for(upstream_url: str, policies: list[Any] | None = None, **sections: Any) -> Any:
+def settings_for(upstream_url: str, policies: list[Any] | None = None, **sections: Any) -> Settings:
     """Settings for a test sidecar on a free port; `sections` merge into the YAML mapping."""
     raw: dict[str, Any] = {
         "listen": {"host": "127.0.0.1", "port": 0},

@@ -157,3 +157,32 @@ async def test_console_script_is_installed() -> None:
     stdout, _ = await asyncio.wait_for(process.communicate(), 30)
     assert process.returncode == 0
     assert stdout.startswith(b"ollama-sidecar ")
+
+
+async def test_sighup_reloads_and_a_broken_config_is_ignored(
+    fake: FakeOllama, processes: list[SidecarProcess], tmp_path: Path
+) -> None:
+    config = tmp_path / "sidecar.yaml"
+    watch_off = "reload: {watch: false}\n"
+    config.write_text(f"{watch_off}upstream: {{url: {fake.url}}}\n")
+    running = await start_process("--config", str(config))
+    processes.append(running)
+    async with aiohttp.ClientSession() as http:
+        config.write_text(
+            f"{watch_off}upstream: {{url: {fake.url}}}\npolicies: [{{correlation: {{header: X-Trace-ID}}}}]\n"
+        )
+        running.process.send_signal(signal.SIGHUP)
+        reloaded = await running.next_event("reloaded")
+        assert reloaded["generation"] == 2
+        async with http.get(f"{running.url}/api/version") as response:
+            assert "X-Trace-ID" in response.headers
+        config.write_text("policies: [{nope: {}}]\n")
+        running.process.send_signal(signal.SIGHUP)
+        rejected = await running.next_event("reload_rejected")
+        assert "policies[0]" in str(rejected["problems"])
+        async with http.get(f"{running.url}/api/version") as response:
+            assert response.status == 200
+            assert "X-Trace-ID" in response.headers
+    running.process.send_signal(signal.SIGTERM)
+    await running.drain_output()
+    assert await asyncio.wait_for(running.process.wait(), 10) == 0
