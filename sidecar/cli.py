@@ -10,6 +10,8 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
+import orjson
+
 from sidecar import __version__
 from sidecar.config import ConfigError, Settings, load_settings
 from sidecar.observability import configure_logging, flush_logs
@@ -31,6 +33,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--upstream", help="Ollama base URL (overrides upstream.url, $SIDECAR_UPSTREAM)"
     )
+    schema = commands.add_parser(
+        "schema", help="print the config's JSON Schema (or, with --markdown, the policy reference)"
+    )
+    schema.add_argument("--markdown", action="store_true", help="the policy reference as Markdown")
     check = commands.add_parser(
         "check-config", help="validate a config file and print every problem"
     )
@@ -42,6 +48,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "check-config":
         return check_config(args.file)
+    if args.command == "schema":
+        from sidecar.schema import json_schema, policy_reference
+
+        if args.markdown:
+            print(policy_reference())
+        else:
+            print(orjson.dumps(json_schema(), option=orjson.OPT_INDENT_2).decode())
+        return 0
     overrides: dict[tuple[str, ...], Any] = {
         ("listen", "host"): args.host,
         ("listen", "port"): args.port,

@@ -14,14 +14,49 @@ from typing import Annotated, Any, Literal, get_args
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+)
 
 from sidecar.chain import PolicyFactory, UnknownPolicy, find_policy
 from sidecar.routes import MANAGEMENT_NAMES, ROUTE_NAMES
 from sidecar.units import parse_duration, parse_size
 
-Duration = Annotated[float, BeforeValidator(parse_duration)]
-ByteSize = Annotated[int, BeforeValidator(parse_size)]
+Duration = Annotated[
+    float,
+    BeforeValidator(parse_duration),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "number", "minimum": 0},
+                {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*(ms|s|m|h)?\s*$"},
+            ],
+            "description": "seconds, or 250ms / 2s / 5m / 1h",
+        }
+    ),
+]
+ByteSize = Annotated[
+    int,
+    BeforeValidator(parse_size),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "integer", "minimum": 0},
+                {
+                    "type": "string",
+                    "pattern": r"(?i)^\s*\d+(\.\d+)?\s*(b|kb|kib|mb|mib|gb|gib)?\s*$",
+                },
+            ],
+            "description": "bytes, or 512KiB / 32MiB / 1GB",
+        }
+    ),
+]
 ManagementName = Literal["pull", "push", "create", "copy", "delete", "blobs"]
 assert set(MANAGEMENT_NAMES) == set(get_args(ManagementName)), "one list, two views"
 
@@ -211,7 +246,9 @@ class Settings(StrictModel):
     reload: ReloadSettings = Field(
         default_factory=ReloadSettings, description="Applying a changed config without a restart."
     )
-    policies: tuple[ConfiguredPolicy, ...] = Field((), description="The chain, outermost first.")
+    policies: Annotated[tuple[ConfiguredPolicy, ...], WithJsonSchema({"type": "array"})] = Field(
+        (), description="The chain, outermost first."
+    )
 
     def summary(self) -> str:
         """One line that says what this config does."""

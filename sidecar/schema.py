@@ -1,0 +1,92 @@
+"""The config's JSON Schema (editor completion for the YAML) and the policy reference.
+
+Both are generated from the pydantic models, so what the docs and the editor
+say is what `check-config` enforces; a test keeps docs/policies.md in step.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
+
+from sidecar.chain import builtin_policy_names, find_policy
+from sidecar.config import Settings
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON Schema of the whole YAML, the policy list included."""
+    schema = Settings.model_json_schema(mode="validation")
+    definitions = schema.setdefault("$defs", {})
+    choices = []
+    for name in builtin_policy_names():
+        model = find_policy(name).config_model
+        policy_schema = model.model_json_schema(mode="validation", ref_template="#/$defs/{model}")
+        definitions.update(policy_schema.pop("$defs", {}))
+        choices.append(
+            {
+                "type": "object",
+                "properties": {name: {"anyOf": [policy_schema, {"type": "null"}]}},
+                "required": [name],
+                "additionalProperties": False,
+            }
+        )
+    schema["properties"]["policies"] = {
+        "type": "array",
+        "description": "The chain, outermost first: each item is `- name: {options}`.",
+        "items": {"oneOf": choices},
+    }
+    schema["title"] = "ollama-sidecar config"
+    return schema
+
+
+def policy_reference() -> str:
+    """Markdown: every built-in policy, what it is for, and every option."""
+    lines = [
+        "# Policy reference",
+        "",
+        "Generated from the config models by `ollama-sidecar schema --markdown`; "
+        "do not edit by hand. Durations take `250ms`, `2s`, `5m`; sizes take `512KiB`, `32MiB`.",
+        "",
+    ]
+    for name in builtin_policy_names():
+        factory = find_policy(name)
+        module = inspect.getmodule(factory)
+        summary = inspect.cleandoc(module.__doc__ or "") if module else ""
+        lines += [
+            f"## `{name}`",
+            "",
+            summary,
+            "",
+            "| option | type | default | meaning |",
+            "|---|---|---|---|",
+        ]
+        lines += _option_rows(factory.config_model)
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _option_rows(model: type[BaseModel], prefix: str = "") -> list[str]:
+    rows = []
+    for field_name, info in model.model_fields.items():
+        rows.append(
+            f"| `{prefix}{field_name}` | {_type_name(info)} | {_default(info)} | {info.description or ''} |"
+        )
+    return rows
+
+
+def _type_name(info: FieldInfo) -> str:
+    text = str(info.annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
+    return f"`{text}`".replace("|", "\\|")
+
+
+def _default(info: FieldInfo) -> str:
+    if info.default_factory is not None:
+        value: Any = info.default_factory()  # type: ignore[call-arg]
+    else:
+        value = info.default
+    if isinstance(value, BaseModel):
+        value = value.model_dump()
+    return f"`{value!r}`".replace("|", "\\|")
