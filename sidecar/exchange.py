@@ -6,7 +6,7 @@ dict, never through imports, so any policy can be left out or reordered.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -17,6 +17,10 @@ from sidecar.errors import SidecarError
 from sidecar.routes import Route
 
 StreamFormat = Literal["sse", "ndjson"]
+# Told how an upstream attempt ended: its status (None if there was no answer) and the
+# error, if any. An AttemptObserver is called as the attempt starts and returns one.
+AttemptEnd = Callable[[int | None, BaseException | None], None]
+AttemptObserver = Callable[["Exchange"], AttemptEnd]
 
 
 @dataclass(slots=True, eq=False)
@@ -38,6 +42,8 @@ class Exchange:
     # The upstream base URL for this attempt; None: the configured `upstream.url`.
     # The routing policy sets it (with facts["upstream"], the upstream's name).
     target: str | None = None
+    # Called by the upstream step around each attempt (tracing); None costs nothing.
+    attempt_observers: list[AttemptObserver] | None = None
     # Shared per-request facts: model, stream, tokens, cache result, attempts...
     facts: dict[str, Any] = field(default_factory=dict)
     # Extra headers a policy wants sent to the upstream / added to the client's reply.

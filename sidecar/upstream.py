@@ -21,7 +21,7 @@ from yarl import URL
 from sidecar.config import UpstreamSettings
 from sidecar.deadlines import DeadlineWatch
 from sidecar.errors import StreamInterrupted, UpstreamError
-from sidecar.exchange import Exchange, Reply, StreamFormat
+from sidecar.exchange import AttemptEnd, Exchange, Reply, StreamFormat
 from sidecar.observability import Metrics
 from sidecar.streams import end_check, stream_format_of
 
@@ -142,7 +142,30 @@ class Upstream:
     async def send(self, exchange: Exchange) -> Reply:
         """Relay `exchange`; raise UpstreamError when no answer could be had.
 
-        One timer, armed for `first_byte`, covers the whole exchange up to the
+        Each call is one upstream attempt; `exchange.attempt_observers` (tracing)
+        hear of its start, before the headers are built, and of its end: at the
+        reply for a plain body, at the stream's end for a stream.
+        """
+        observers = exchange.attempt_observers
+        if not observers:
+            return await self._send(exchange, None)
+        ends = [observe(exchange) for observe in observers]
+
+        def finish(status: int | None, error: BaseException | None) -> None:
+            for end in ends:
+                end(status, error)
+
+        try:
+            reply = await self._send(exchange, finish)
+        except BaseException as error:
+            finish(None, error)
+            raise
+        if reply.chunks is None:
+            finish(reply.status, None)
+        return reply
+
+    async def _send(self, exchange: Exchange, finish: AttemptEnd | None) -> Reply:
+        """One attempt. One timer, armed for `first_byte`, covers the whole exchange up to the
         reply: Ollama sends a plain body's headers only once the answer is ready,
         and the body right after them. The body must be a JSON object before it
         leaves: if no policy has parsed it yet, it is parsed here, once.
@@ -214,7 +237,7 @@ class Upstream:
         return Reply(
             response.status,
             reply_headers,
-            chunks=self._stream(response, exchange, stream_format, deadline, sent_at),
+            chunks=self._stream(response, exchange, stream_format, deadline, sent_at, finish),
             stream_format=stream_format,
         )
 
@@ -278,6 +301,7 @@ class Upstream:
         stream_format: StreamFormat,
         deadline: float,
         sent_at: float,
+        finish: AttemptEnd | None,
     ) -> AsyncGenerator[bytes, None]:
         """The upstream's stream chunk by chunk, raising StreamInterrupted unless it ends well.
 
@@ -292,6 +316,7 @@ class Upstream:
         check = end_check(exchange.route.stream_end, stream_format)
         waiting = self._deadlines.deadline(deadline)
         finished = False
+        broken: StreamInterrupted | None = None
         try:
             while True:
                 chunk = content.read_nowait(-1)
@@ -323,7 +348,12 @@ class Upstream:
                     code="upstream_stream_incomplete",
                 )
             finished = True
+        except StreamInterrupted as error:
+            broken = error
+            raise
         finally:
+            if finish is not None:
+                finish(response.status, broken)
             exchange.facts["upstream_time"] = (
                 exchange.facts.get("upstream_time", 0.0) + perf_counter() - sent_at
             )
