@@ -22,7 +22,7 @@ from sidecar.chain import Next, PolicyContext, register
 from sidecar.errors import SidecarError, StreamInterrupted, UpstreamError
 from sidecar.exchange import Exchange, Reply
 from sidecar.outcomes import UPSTREAM_FAILURE_STATUSES, is_model_not_found
-from sidecar.replies import peek_first_chunk
+from sidecar.replies import discard, peek_first_chunk
 
 log = structlog.get_logger("sidecar.routing")
 
@@ -170,7 +170,7 @@ class Routing:
             exchange.target = candidate.target
             exchange.facts["upstream"] = candidate.upstream
             if last_reply is not None:
-                await _discard(last_reply)
+                await discard(last_reply)
                 last_reply = None
             try:
                 reply = await call_next(exchange)
@@ -271,9 +271,3 @@ class Routing:
             "aliases": len(self.aliases),
             "fallbacks": len(self.fallbacks),
         }
-
-
-async def _discard(reply: Reply) -> None:
-    """A reply that will not be sent: close its stream so the upstream connection goes."""
-    if reply.chunks is not None:
-        await reply.chunks.aclose()

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import importlib.util
 import time
-from collections.abc import AsyncGenerator
-from contextlib import aclosing
 from dataclasses import replace
 from typing import Any, ClassVar, Literal
 
@@ -22,8 +20,9 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from sidecar.chain import Next, PolicyContext, register
-from sidecar.errors import SidecarError
+from sidecar.errors import SidecarError, StreamInterrupted
 from sidecar.exchange import AttemptEnd, Exchange, Reply
+from sidecar.replies import StreamEnd, WatchedChunks
 
 _OPERATIONS = {
     "/v1/chat/completions": "chat",
@@ -166,29 +165,21 @@ class Tracing:
 
         return observe
 
-    async def _traced(
-        self, reply: Reply, span: Any, started: float, exchange: Exchange
-    ) -> AsyncGenerator[bytes, None]:
-        error: BaseException | None = None
-        first = True
+    def _traced(self, reply: Reply, span: Any, started: float, exchange: Exchange) -> WatchedChunks:
         assert reply.chunks is not None
-        try:
-            async with aclosing(reply.chunks) as chunks:
-                async for chunk in chunks:
-                    if first:
-                        span.set_attribute(
-                            "gen_ai.server.time_to_first_token", time.perf_counter() - started
-                        )
-                        first = False
-                    yield chunk
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
+
+        def first() -> None:
+            span.set_attribute("gen_ai.server.time_to_first_token", time.perf_counter() - started)
+
+        def end(how: StreamEnd, error: StreamInterrupted | None) -> None:
             usage = exchange.facts.get("usage")
             if isinstance(usage, dict):
                 _set_usage(span, usage.get("prompt_tokens"), usage.get("completion_tokens"))
+            if how == "abandoned":
+                span.set_attribute("ollama_sidecar.client_gone", True)
             self._finish(span, reply.status, error, exchange)
+
+        return WatchedChunks(reply.chunks, end, on_first=first)
 
     def _finish(
         self, span: Any, status: int | None, error: BaseException | None, exchange: Exchange | None
@@ -196,7 +187,7 @@ class Tracing:
         trace = self._trace
         if status is not None:
             span.set_attribute("http.response.status_code", status)
-        if error is not None and not isinstance(error, GeneratorExit):
+        if error is not None:
             span.record_exception(error)
             span.set_status(
                 trace.Status(trace.StatusCode.ERROR, str(error) or type(error).__name__)

@@ -1,53 +1,107 @@
 """Tools for policies that look at a streamed reply without holding it back.
 
 A policy must never buffer a stream; these wrap `Reply.chunks` so a policy can
-learn how a stream ended, or see its first chunk before deciding to retry, and
-they always close the stream they wrap, so a client that goes away still
-closes the upstream connection at once.
+learn how a stream ended, or see its first chunk before deciding to retry.
+They are classes, not `async def` generators, for one reason: a generator that
+is closed before its first chunk was asked for never runs its body, so neither
+its `finally` nor the `aclose` of the stream it wraps would run. That happens
+whenever the client goes away before the answer starts; a wrapper that forgot
+the stream then would leak the upstream connection, a breaker's probe slot or
+a concurrency slot.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Callable
-from contextlib import aclosing
 from dataclasses import replace
-from typing import Literal
+from types import TracebackType
+from typing import Any, Literal
 
 from sidecar.errors import StreamInterrupted
 from sidecar.exchange import Reply
 
 StreamEnd = Literal["complete", "failed", "abandoned"]
+OnEnd = Callable[[StreamEnd, StreamInterrupted | None], None]
 
 
-def watch_stream(
-    reply: Reply, on_end: Callable[[StreamEnd, StreamInterrupted | None], None]
-) -> Reply:
-    """The same reply, calling `on_end` once when its stream ends.
+class WatchedChunks(AsyncGenerator[bytes, None]):
+    """Relays `inner` chunk by chunk and reports, exactly once, how it ended.
 
-    "complete": the upstream finished properly; "failed": it broke (with the
-    StreamInterrupted); "abandoned": the client went away first. A reply with
-    no stream ends at once, as "complete".
+    "complete": the stream finished; "failed": it raised StreamInterrupted;
+    "abandoned": it was closed (or raised anything else) before its end, also
+    when that happens before the first chunk. `first` is a chunk already read
+    from `inner` (see peek_first_chunk), given out before the rest.
     """
-    chunks = reply.chunks
-    if chunks is None:
+
+    __slots__ = ("_ended", "_first", "_inner", "_on_end", "_on_first")
+
+    def __init__(
+        self,
+        inner: AsyncGenerator[bytes, None],
+        on_end: OnEnd | None = None,
+        *,
+        first: bytes | None = None,
+        on_first: Callable[[], None] | None = None,
+    ) -> None:
+        self._inner = inner
+        self._on_end = on_end
+        self._first = first
+        self._on_first = on_first
+        self._ended = False
+
+    async def asend(self, value: None) -> bytes:
+        if self._first is not None:
+            chunk, self._first = self._first, None
+        else:
+            try:
+                chunk = await self._inner.asend(value)
+            except StopAsyncIteration:
+                self._end("complete", None)
+                raise
+            except StreamInterrupted as error:
+                self._end("failed", error)
+                raise
+            except BaseException:
+                self._end("abandoned", None)
+                raise
+        if self._on_first is not None:
+            on_first, self._on_first = self._on_first, None
+            on_first()
+        return chunk
+
+    async def athrow(
+        self,
+        typ: Any,
+        val: Any = None,
+        tb: TracebackType | None = None,
+    ) -> bytes:
+        try:
+            return await self._inner.athrow(typ, val, tb)
+        finally:
+            self._end("abandoned", None)
+
+    async def aclose(self) -> None:
+        try:
+            await self._inner.aclose()
+        finally:
+            self._end("abandoned", None)
+
+    def _end(self, how: StreamEnd, error: StreamInterrupted | None) -> None:
+        if not self._ended:
+            self._ended = True
+            if self._on_end is not None:
+                self._on_end(how, error)
+
+
+def watch_stream(reply: Reply, on_end: OnEnd) -> Reply:
+    """The same reply, calling `on_end` once when its stream ends (see WatchedChunks).
+
+    A reply with no stream ends at once, as "complete".
+    """
+    if reply.chunks is None:
         on_end("complete", None)
         return reply
-
-    async def watched() -> AsyncGenerator[bytes, None]:
-        end: StreamEnd = "abandoned"
-        broken: StreamInterrupted | None = None
-        try:
-            async with aclosing(chunks) as inner:
-                async for chunk in inner:
-                    yield chunk
-            end = "complete"
-        except StreamInterrupted as error:
-            end, broken = "failed", error
-            raise
-        finally:
-            on_end(end, broken)
-
-    return replace(reply, chunks=watched())
+    return replace(reply, chunks=WatchedChunks(reply.chunks, on_end))
 
 
 async def peek_first_chunk(reply: Reply) -> Reply:
@@ -62,16 +116,14 @@ async def peek_first_chunk(reply: Reply) -> Reply:
     try:
         first = await anext(chunks)
     except StopAsyncIteration:
-        first = None
+        return replace(reply, chunks=WatchedChunks(chunks))
     except BaseException:
         await chunks.aclose()
         raise
+    return replace(reply, chunks=WatchedChunks(chunks, first=first))
 
-    async def resumed() -> AsyncGenerator[bytes, None]:
-        async with aclosing(chunks) as inner:
-            if first is not None:
-                yield first
-            async for chunk in inner:
-                yield chunk
 
-    return replace(reply, chunks=resumed())
+async def discard(reply: Reply) -> None:
+    """A reply that will not be sent: close its stream, so the upstream connection goes."""
+    if reply.chunks is not None:
+        await reply.chunks.aclose()

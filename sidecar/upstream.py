@@ -23,6 +23,7 @@ from sidecar.deadlines import DeadlineWatch
 from sidecar.errors import StreamInterrupted, UpstreamError
 from sidecar.exchange import AttemptEnd, Exchange, Reply, StreamFormat
 from sidecar.observability import Metrics
+from sidecar.replies import StreamEnd, WatchedChunks
 from sidecar.streams import end_check, stream_format_of
 
 log = structlog.get_logger("sidecar.upstream")
@@ -234,10 +235,21 @@ class Upstream:
             response.release()
             facts["upstream_time"] = facts.get("upstream_time", 0.0) + perf_counter() - sent_at
             return Reply(response.status, reply_headers, body=body)
+        started = [False]
+        stream = self._stream(response, exchange, stream_format, deadline, sent_at, finish, started)
+
+        def closed_early(how: StreamEnd, error: StreamInterrupted | None) -> None:
+            # Only matters when the stream is closed before its first read: then
+            # the generator's own `finally` never runs and would leave these undone.
+            if how == "abandoned" and not started[0]:
+                response.close()
+                if finish is not None:
+                    finish(response.status, None)
+
         return Reply(
             response.status,
             reply_headers,
-            chunks=self._stream(response, exchange, stream_format, deadline, sent_at, finish),
+            chunks=WatchedChunks(stream, closed_early),
             stream_format=stream_format,
         )
 
@@ -302,6 +314,7 @@ class Upstream:
         deadline: float,
         sent_at: float,
         finish: AttemptEnd | None,
+        started: list[bool],
     ) -> AsyncGenerator[bytes, None]:
         """The upstream's stream chunk by chunk, raising StreamInterrupted unless it ends well.
 
@@ -317,6 +330,7 @@ class Upstream:
         waiting = self._deadlines.deadline(deadline)
         finished = False
         broken: StreamInterrupted | None = None
+        started[0] = True
         try:
             while True:
                 chunk = content.read_nowait(-1)
