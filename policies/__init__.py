@@ -1,5 +1,5 @@
 """Built-in policies, one module each; importing this package registers them all by name."""
 
-from policies import circuit_breaker, correlation, routing, tracing
+from policies import circuit_breaker, correlation, retry, routing, tracing
 
-__all__ = ["circuit_breaker", "correlation", "routing", "tracing"]
+__all__ = ["circuit_breaker", "correlation", "retry", "routing", "tracing"]

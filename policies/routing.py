@@ -211,6 +211,10 @@ class Routing:
         if last_reply is not None:
             return last_reply
         assert last_error is not None
+        if isinstance(last_error, StreamInterrupted):
+            # Every candidate broke before its first chunk: nothing was sent yet,
+            # so the client can still get a plain error instead of a stream.
+            raise UpstreamError(502, last_error.message, code=last_error.code) from None
         raise last_error
 
     def _set_model(self, exchange: Exchange, model: str) -> None:

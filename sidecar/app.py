@@ -23,7 +23,7 @@ from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
 from sidecar.config import Settings
 from sidecar.deadlines import DeadlineWatch
-from sidecar.errors import SidecarError, dialect_for_path, error_response
+from sidecar.errors import SidecarError, StreamInterrupted, dialect_for_path, error_response
 from sidecar.exchange import Exchange
 from sidecar.observability import Metrics, write_access_line
 from sidecar.relay import relay
@@ -260,6 +260,11 @@ class Sidecar:
             if status in (408, 413) or self.draining:
                 response.force_close()
             return response
+        except StreamInterrupted as broken:
+            # A stream that broke before its first chunk reached the relay (a
+            # policy peeked at it): nothing was sent, so a plain 502 still can be.
+            status = 502
+            return error_response(SidecarError(502, broken.message, code=broken.code), dialect)
         except asyncio.CancelledError:
             status = 499
             raise

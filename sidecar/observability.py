@@ -195,7 +195,9 @@ def configure_logging(level: str = "info", stream: BinaryIO | None = None) -> No
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=lambda *_: writer,
-        cache_logger_on_first_use=True,
+        # Not cached: the hot access line bypasses these loggers, and a module-level
+        # logger cached before configure_logging ran would keep the old output.
+        cache_logger_on_first_use=False,
     )
     handler = logging.StreamHandler(sys.stdout if stream is None else _TextOver(stream))
     handler.setFormatter(

@@ -14,9 +14,9 @@ from email.utils import parsedate_to_datetime
 from sidecar.errors import SidecarError, StreamInterrupted, UpstreamError
 from sidecar.exchange import Reply
 
-# Statuses that say "the upstream is in trouble", worth another try elsewhere or later.
+# Statuses that say "the upstream is in trouble": a breaker counts them, a fallback
+# tries elsewhere. (Retry is narrower: Ollama's 500 is usually deterministic.)
 UPSTREAM_FAILURE_STATUSES = frozenset({500, 502, 503, 504})
-RETRYABLE_STATUSES = UPSTREAM_FAILURE_STATUSES | {429}
 
 
 def upstream_failure(reply: Reply | None, error: BaseException | None) -> str | None:

@@ -198,3 +198,32 @@ def test_config_rejects_loops_duplicates_and_self_fallbacks() -> None:
     for options, message in bad:
         with pytest.raises(ConfigError, match=message):
             parse_settings({"policies": [{"routing": options}]})
+
+
+async def test_when_every_candidate_breaks_before_its_first_chunk_the_client_gets_a_502() -> None:
+    from multidict import CIMultiDict, CIMultiDictProxy
+
+    from policies.routing import Routing, RoutingConfig
+    from sidecar.chain import PolicyContext
+    from sidecar.errors import StreamInterrupted, UpstreamError
+    from sidecar.exchange import Exchange, Reply
+    from sidecar.observability import Metrics
+    from sidecar.routes import ROUTES
+
+    config = RoutingConfig.model_validate({"fallbacks": {"llama3.2:latest": ["smollm2:latest"]}})
+    routing = Routing(config, PolicyContext(settings=parse_settings({}), metrics=Metrics()))
+    exchange = Exchange(
+        "POST",
+        ROUTES["/api/chat"],
+        "/api/chat",
+        "",
+        CIMultiDictProxy(CIMultiDict()),
+        b'{"model":"llama3.2:latest","messages":[]}',
+    )
+
+    async def broken(_: Exchange) -> Reply:
+        raise StreamInterrupted("gone before the first chunk")
+
+    with pytest.raises(UpstreamError) as caught:
+        await routing(exchange, broken)
+    assert caught.value.status == 502
