@@ -57,6 +57,7 @@ def _log() -> Any:
 # something between here and it failed. 500 is left out on purpose (see above).
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 ATTEMPTS_HEADER = "x-sidecar-attempts"
+SHOULD_RETRY_HEADER = "x-should-retry"
 _ATTEMPT_TEXT = tuple(str(number) for number in range(11))
 
 
@@ -297,6 +298,9 @@ class Retry:
                 ceilings = self.delays()
             wait = self._wait_before_retry(exchange, attempt, failure, started, next(ceilings))
             if wait is None:
+                # The sidecar has decided: OpenAI's SDKs read this header and do not
+                # retry on top, so its retries and ours never multiply into a storm.
+                exchange.response_headers[SHOULD_RETRY_HEADER] = "false"
                 return failure.answer()
             await failure.discard()
             attempt += 1
