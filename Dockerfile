@@ -80,7 +80,8 @@ COPY --from=builder /opt/venv /opt/venv
 # network namespace, so the app reaches the sidecar on 127.0.0.1 either way,
 # while the kubelet's httpGet probes and Prometheus arrive on the pod IP and
 # need 0.0.0.0 too (k8s/ keeps it and lets a NetworkPolicy guard the port).
-# Set SIDECAR_HOST=127.0.0.1 where nothing but the app may reach it.
+# SIDECAR_HOST=127.0.0.1 fits only where nothing but the app must reach it
+# (no httpGet probes, no scraping): a NetworkPolicy is the usual guard instead.
 # It is an environment variable rather than a `--host` in CMD so that it can
 # be overridden the usual ways (env in the pod spec, `docker run -e`); note
 # that it beats `listen.host` in a config file: set SIDECAR_HOST= (empty) to
