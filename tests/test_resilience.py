@@ -139,3 +139,23 @@ async def test_the_openai_client_retries_and_ours_do_not_multiply(
         raise AssertionError("the upstream failed every attempt")
     # 3 sidecar attempts, and the client's own 2 retries did not happen on top.
     assert len(fake.requests) == 3
+
+
+async def test_the_resilience_policies_work_in_any_order(
+    make_sidecar: SidecarFactory, fake: FakeOllama, http: aiohttp.ClientSession
+) -> None:
+    """Every order of the four gives a right answer, and a clean error when Ollama fails."""
+    import itertools
+
+    policies = CHAIN[1:]
+    for order in itertools.permutations(policies):
+        sidecar = await make_sidecar(policies=[CHAIN[0], *order])
+        async with http.post(f"{sidecar.url}/api/chat", json=CHAT) as response:
+            assert ending("ndjson", response.status, await response.read()) == "complete"
+        for _ in range(8):
+            fake.inject(Fault("status", status=500, message="down"))
+        async with http.post(f"{sidecar.url}/v1/chat/completions", json=CHAT) as response:
+            assert response.status == 500  # Ollama's own answer, not the sidecar's
+            assert (await response.json())["error"]["message"] == "down"
+        fake._faults.clear()
+        await sidecar.stop(grace=0)
