@@ -12,13 +12,14 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from typing import Any, ClassVar
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 import orjson
 import structlog
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sidecar.chain import Next, PolicyContext, register
+from sidecar.config import UpstreamUrl
 from sidecar.errors import SidecarError, StreamInterrupted, UpstreamError
 from sidecar.exchange import Exchange, Reply
 from sidecar.outcomes import UPSTREAM_FAILURE_STATUSES, is_model_not_found
@@ -37,21 +38,13 @@ class UpstreamTarget(BaseModel):
     name: str = Field(
         min_length=1, max_length=64, description="Name in metrics, logs and breakers."
     )
-    url: str = Field(description="Base URL of this Ollama (http:// or https://).")
+    url: UpstreamUrl = Field(description="Base URL of this Ollama (http:// or https://).")
     priority: int = Field(
         0, ge=0, le=100, description="Lower is tried first; ties share by weight."
     )
     weight: float = Field(
         1.0, gt=0, le=1000, description="Share of requests among equal priorities."
     )
-
-    @field_validator("url")
-    @classmethod
-    def _http_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"an http:// or https:// URL with a host, not {value!r}")
-        return value.rstrip("/")
 
 
 class RoutingConfig(BaseModel):

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -57,6 +58,19 @@ ByteSize = Annotated[
         }
     ),
 ]
+
+
+def _upstream_url(value: str) -> str:
+    """An http(s) base URL with a host and nothing after the path, without a trailing slash."""
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"an http:// or https:// URL with a host, not {value!r}")
+    if parts.query or parts.fragment:
+        raise ValueError("the upstream URL takes no query or fragment")
+    return value.rstrip("/")
+
+
+UpstreamUrl = Annotated[str, AfterValidator(_upstream_url)]
 ManagementName = Literal["pull", "push", "create", "copy", "delete", "blobs"]
 assert set(MANAGEMENT_NAMES) == set(get_args(ManagementName)), "one list, two views"
 
@@ -106,7 +120,7 @@ class TimeoutOverrides(StrictModel):
 
 
 class UpstreamSettings(StrictModel):
-    url: str = Field(
+    url: UpstreamUrl = Field(
         "http://127.0.0.1:11434", description="Base URL of Ollama (or a compatible server)."
     )
     timeouts: TimeoutSettings = Field(
@@ -125,16 +139,6 @@ class UpstreamSettings(StrictModel):
     forward_authorization: bool = Field(
         False, description="Send the client's Authorization header upstream (off: it stays here)."
     )
-
-    @field_validator("url")
-    @classmethod
-    def _http_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"an http:// or https:// URL with a host, not {value!r}")
-        if parts.query or parts.fragment:
-            raise ValueError("the upstream URL takes no query or fragment")
-        return value.rstrip("/")
 
     @field_validator("route_timeouts")
     @classmethod

@@ -285,8 +285,9 @@ class Upstream:
         connect_timeout: aiohttp.ClientTimeout,
     ) -> aiohttp.ClientResponse:
         assert self._session is not None and self._fresh_session is not None
-        try:
-            return await self._session.request(
+
+        def through(session: aiohttp.ClientSession) -> Awaitable[aiohttp.ClientResponse]:
+            return session.request(
                 method,
                 url,
                 headers=headers,
@@ -294,6 +295,9 @@ class Upstream:
                 allow_redirects=False,
                 timeout=connect_timeout,
             )
+
+        try:
+            return await through(self._session)
         except aiohttp.ClientConnectorError:
             raise
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
@@ -301,14 +305,7 @@ class Upstream:
             # as the request went out, so nothing was processed. Once more, fresh.
             self._metrics.keepalive_resends.inc()
             log.info("upstream_resend_fresh_connection", reason=exc.__class__.__name__)
-            return await self._fresh_session.request(
-                method,
-                url,
-                headers=headers,
-                data=data,
-                allow_redirects=False,
-                timeout=connect_timeout,
-            )
+            return await through(self._fresh_session)
 
     async def _stream(
         self,
