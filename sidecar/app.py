@@ -345,6 +345,7 @@ class Sidecar:
         write_access_line(
             {
                 "request_id": exchange.request_id if exchange is not None else None,
+                "tenant": facts.get("tenant"),
                 "method": request.method,
                 "route": route_name,
                 "model": model,
