@@ -1,12 +1,22 @@
 """Built-in policies, one module each; importing this package registers them all by name."""
 
-from policies import auth, circuit_breaker, concurrency, correlation, retry, routing, tracing
+from policies import (
+    auth,
+    circuit_breaker,
+    concurrency,
+    correlation,
+    metering,
+    retry,
+    routing,
+    tracing,
+)
 
 __all__ = [
     "auth",
     "circuit_breaker",
     "concurrency",
     "correlation",
+    "metering",
     "retry",
     "routing",
     "tracing",

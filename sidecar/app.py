@@ -342,6 +342,7 @@ class Sidecar:
             model = exchange.model
             stream = exchange.wants_stream
         ttfb = facts.get("upstream_ttfb")
+        usage = facts.get("usage") or {}
         write_access_line(
             {
                 "request_id": exchange.request_id if exchange is not None else None,
@@ -356,6 +357,9 @@ class Sidecar:
                 "bytes_in": len(exchange.body) if exchange is not None else 0,
                 "bytes_out": facts.get("bytes_out", 0),
                 "stream_error": stream_error,
+                "prompt_tokens": usage.get("prompt_tokens"),
+                "completion_tokens": usage.get("completion_tokens"),
+                "tokens_estimated": usage.get("estimated"),
             }
         )
 

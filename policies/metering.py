@@ -1,0 +1,668 @@
+"""metering: tokens, requests and cost per tenant and model, from the upstream's own counts.
+
+Where the counts come from:
+
+- A plain answer: one orjson parse of the body, and only on a generation route
+  with a 200: OpenAI's `usage` (`prompt_tokens`/`completion_tokens`, or
+  `input_tokens`/`output_tokens` on /v1/messages and /v1/responses), or Ollama's
+  native `prompt_eval_count`/`eval_count` (embeddings: `prompt_eval_count`).
+- A /v1/chat/completions or /v1/completions stream: the request goes upstream
+  with `stream_options.include_usage: true` added, and the usage-only event
+  (`"choices": []` with `usage`) is taken out again when the client did not ask
+  for it, so the client's bytes are exactly those it would have had. Ollama's
+  /v1/completions writer also puts a zero `usage` on every chunk when usage is
+  asked for; for a client that did not ask, that `,"usage":{...}` member is cut
+  from each such event (byte-exact for Ollama's serialisation; any other is
+  re-serialised without it). When stripping, complete events are passed on
+  (an event split across reads waits for its end; no byte is changed).
+- /v1/responses and /v1/messages streams: the usage their closing events carry.
+- A native /api/chat or /api/generate stream: only the last line (`"done": true`)
+  is parsed.
+
+Per chunk the work is a search for the end of the last event and a substring
+test for `"usage"`; only candidate events are parsed. When the upstream gave no
+usage (stream cut short, client gone), the prompt is estimated from the request
+body and the completion from the text streamed so far (sidecar/tokens.py, an
+offline tokenizer), the record is marked `estimated` (metrics label
+`source="estimated"`, a `usage_estimated` log line). A client that goes away
+mid-stream is metered too: the stream wrapper's close records it as "abandoned".
+
+Prices are per 1M tokens (OpenAI's pricing unit) per model, in any currency;
+`llama3.2` and `llama3.2:latest` name the same price. Results go to
+`exchange.facts["usage"]`, to the counters `ollama_sidecar_tokens_total`,
+`..._requests_metered_total`, `..._cost_total`, and to `record()`, the one
+place a shared store plugs in later (in memory per process until then, shown
+in /readyz detail). Put `tracing` outside (before) `metering` in the YAML so
+its span sees `facts["usage"]` at the stream's end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass, replace
+from types import TracebackType
+from typing import Any, ClassVar, Literal, Protocol
+
+import orjson
+import structlog
+from pydantic import BaseModel, ConfigDict, Field
+
+from sidecar.chain import Next, PolicyContext, register
+from sidecar.config import ByteSize
+from sidecar.errors import StreamInterrupted
+from sidecar.exchange import Exchange, Reply
+from sidecar.tokens import Encoding, TokenCounter, completion_text, prompt_tokens
+
+StreamEnd = Literal["complete", "failed", "abandoned"]
+
+# Routes that run a model, and so use tokens.
+GENERATION_ROUTES = frozenset(
+    {
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+        "/v1/responses",
+        "/v1/messages",
+        "/api/chat",
+        "/api/generate",
+        "/api/embed",
+        "/api/embeddings",
+    }
+)
+# Streams whose usage event the sidecar asks for with stream_options.include_usage.
+INCLUDE_USAGE_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
+OTHER = "other"
+_USAGE = b'"usage"'
+
+
+def _log() -> Any:
+    return structlog.get_logger("sidecar.metering")
+
+
+class Price(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prompt: float = Field(0.0, ge=0, description="Price of 1M prompt tokens.")
+    completion: float = Field(0.0, ge=0, description="Price of 1M completion tokens.")
+
+
+class MeteringConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prices: dict[str, Price] = Field(
+        default_factory=dict,
+        description="Price per 1M tokens by model (with or without :latest); unlisted models cost 0.",
+    )
+    tokenizer: Encoding = Field(
+        "llama3", description="Encoding for estimates when the upstream gives no usage."
+    )
+    stream_usage: bool = Field(
+        True,
+        description="Ask /v1 chat/completions streams for usage (hidden again from clients that did not).",
+    )
+    max_tenants: int = Field(
+        100, ge=1, le=100_000, description="Distinct tenant labels; more are counted as 'other'."
+    )
+    max_models: int = Field(
+        50, ge=1, le=100_000, description="Distinct model labels; more are counted as 'other'."
+    )
+    estimate_buffer: ByteSize = Field(
+        1024 * 1024,
+        ge=0,
+        le=64 * 1024 * 1024,
+        description="Stream bytes kept per request for an estimate; beyond it the count is scaled.",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRecord:
+    """One metered request, as a store receives it."""
+
+    tenant: str
+    model: str
+    route: str
+    prompt_tokens: int
+    completion_tokens: int
+    estimated: bool
+    cost: float
+    ended: str  # complete | failed | abandoned (plain answers: complete)
+    request_id: str = ""
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class UsageStore(Protocol):
+    """Where usage records go: memory now, a shared store (Redis) later."""
+
+    def record(self, record: UsageRecord) -> None: ...
+
+
+@dataclass(slots=True)
+class Totals:
+    requests: int = 0
+    estimated_requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost: float = 0.0
+
+    def add(self, record: UsageRecord) -> None:
+        self.requests += 1
+        self.estimated_requests += record.estimated
+        self.prompt_tokens += record.prompt_tokens
+        self.completion_tokens += record.completion_tokens
+        self.cost += record.cost
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "requests": self.requests,
+            "estimated_requests": self.estimated_requests,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "cost": round(self.cost, 9),
+        }
+
+
+class MemoryUsage:
+    """Per-process totals by (tenant, model); the keys are the bounded label values."""
+
+    def __init__(self) -> None:
+        self.total = Totals()
+        self.by_key: dict[tuple[str, str], Totals] = {}
+
+    def record(self, record: UsageRecord) -> None:
+        self.total.add(record)
+        key = (record.tenant, record.model)
+        totals = self.by_key.get(key)
+        if totals is None:
+            totals = self.by_key[key] = Totals()
+        totals.add(record)
+
+
+class BoundedLabels:
+    """Label values as seen, up to `limit` distinct ones; later newcomers are 'other'."""
+
+    __slots__ = ("_limit", "_seen")
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._seen: set[str] = set()
+
+    def __call__(self, value: str) -> str:
+        if value in self._seen:
+            return value
+        if len(self._seen) >= self._limit:
+            return OTHER
+        self._seen.add(value)
+        return value
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+class Counts:
+    """Prompt and completion counts found in a stream; a value 0 never replaces a real one."""
+
+    __slots__ = ("completion", "final", "prompt")
+
+    def __init__(self) -> None:
+        self.prompt: int | None = None
+        self.completion: int | None = None
+        self.final = False  # the event that closes a stream's usage was seen
+
+    def take(self, prompt: Any, completion: Any) -> None:
+        prompt, completion = _int(prompt), _int(completion)
+        if prompt is not None and (prompt or self.prompt is None):
+            self.prompt = prompt
+        if completion is not None and (completion or self.completion is None):
+            self.completion = completion
+
+
+def usage_of(document: dict[str, Any]) -> tuple[Any, Any] | None:
+    """(prompt, completion) from an OpenAI/Anthropic/Responses `usage`, or None."""
+    usage = document.get("usage")
+    if not isinstance(usage, dict):
+        for key in ("response", "message"):
+            inner = document.get(key)
+            if isinstance(inner, dict) and isinstance(inner.get("usage"), dict):
+                usage = inner["usage"]
+                break
+        else:
+            return None
+    return (
+        usage.get("prompt_tokens", usage.get("input_tokens")),
+        usage.get("completion_tokens", usage.get("output_tokens")),
+    )
+
+
+class SseUsageScanner:
+    """Finds usage in an SSE stream fed read by read; with `strip`, hides it from the client.
+
+    `feed` returns the bytes to pass on: the chunk itself when not stripping;
+    when stripping, the complete events so far minus the usage-only event (and
+    minus the `usage` member Ollama's /v1/completions adds to every chunk). An
+    event split across reads is kept until its end; several events in one read
+    are each looked at. Only events containing `"usage"` are parsed.
+    """
+
+    __slots__ = ("_pending", "_strip", "counts")
+
+    def __init__(self, strip: bool) -> None:
+        self.counts = Counts()
+        self._strip = strip
+        self._pending = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = self._pending + chunk if self._pending else chunk
+        cut = data.rfind(b"\n\n")
+        if cut < 0:
+            self._pending = data
+            return b"" if self._strip else chunk
+        cut += 2
+        complete = data[:cut]
+        self._pending = data[cut:]
+        if _USAGE in complete:
+            complete = self._scan(complete)
+        return complete if self._strip else chunk
+
+    def finish(self) -> bytes:
+        """The bytes of an unfinished last event (stripping only), at the stream's end."""
+        rest, self._pending = self._pending, b""
+        if not rest:
+            return b""
+        if _USAGE in rest:
+            rest = self._scan(rest)
+        return rest if self._strip else b""
+
+    def _scan(self, data: bytes) -> bytes:
+        events = data.split(b"\n\n")
+        kept: list[bytes] = []
+        changed = False
+        for event in events:
+            if _USAGE in event:
+                replacement = self._event(event)
+                if replacement is not event:
+                    changed = True
+                    if replacement is None:
+                        continue
+                    event = replacement
+            kept.append(event)
+        if not changed:
+            return data
+        return b"\n\n".join(kept)
+
+    def _event(self, event: bytes) -> bytes | None:
+        """The event to pass on (the same object when unchanged), or None to drop it."""
+        payload = b"\n".join(
+            line[5:].lstrip(b" ") for line in event.split(b"\n") if line.startswith(b"data:")
+        )
+        try:
+            document = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return event
+        if not isinstance(document, dict):
+            return event
+        found = usage_of(document)
+        if found is None:
+            return event
+        self.counts.take(*found)
+        kind = document.get("type")
+        usage_only = document.get("choices") == []
+        if usage_only or kind in ("response.completed", "message_delta"):
+            self.counts.final = True
+        if not self._strip or "usage" not in document:
+            return event
+        if usage_only:
+            return None
+        needle = b',"usage":' + orjson.dumps(document["usage"])
+        if needle in event:
+            return event.replace(needle, b"", 1)
+        del document["usage"]
+        return b"data: " + orjson.dumps(document)
+
+
+class NdjsonLastLine:
+    """Keeps the last complete NDJSON line (joined when it spans reads); parsed once at the end."""
+
+    __slots__ = ("_last", "_partial")
+
+    def __init__(self) -> None:
+        self._partial: list[bytes] = []
+        self._last = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        end = chunk.rfind(b"\n")
+        if end < 0:
+            self._partial.append(chunk)
+            return chunk
+        start = chunk.rfind(b"\n", 0, end) + 1
+        if start == 0 and self._partial:
+            line = b"".join(self._partial) + chunk[:end]
+        else:
+            line = chunk[start:end]
+        if line.strip():
+            self._last = line
+        self._partial = [chunk[end + 1 :]] if end + 1 < len(chunk) else []
+        return chunk
+
+    def counts(self) -> Counts:
+        counts = Counts()
+        rest = b"".join(self._partial)
+        line = rest if rest.strip() else self._last
+        try:
+            document = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            return counts
+        if isinstance(document, dict) and document.get("done") is True:
+            counts.take(document.get("prompt_eval_count", 0), document.get("eval_count", 0))
+            counts.final = True
+        return counts
+
+
+class _Kept:
+    """The first `limit` bytes of a stream, kept for an estimate, and the size of the whole."""
+
+    __slots__ = ("chunks", "kept", "limit", "seen")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.chunks: list[bytes] = []
+        self.kept = 0
+        self.seen = 0
+
+    def add(self, chunk: bytes) -> None:
+        self.seen += len(chunk)
+        if self.kept < self.limit:
+            self.chunks.append(chunk)
+            self.kept += len(chunk)
+
+
+OnMeteredEnd = Callable[[StreamEnd, Counts, _Kept], None]
+
+
+class MeteredChunks(AsyncGenerator[bytes, None]):
+    """Relays a stream through a usage scanner and reports once how it ended.
+
+    A class, not an `async def` generator, for the reason sidecar/replies.py
+    gives: closed before its first chunk, it still closes what it wraps and
+    still reports (as "abandoned"), so the request is metered whatever happens.
+    """
+
+    __slots__ = ("_after", "_ended", "_inner", "_kept", "_ndjson", "_on_end", "_sse")
+
+    def __init__(
+        self,
+        inner: AsyncGenerator[bytes, None],
+        on_end: OnMeteredEnd,
+        *,
+        sse: SseUsageScanner | None,
+        ndjson: NdjsonLastLine | None,
+        kept: _Kept,
+    ) -> None:
+        self._inner = inner
+        self._on_end = on_end
+        self._sse = sse
+        self._ndjson = ndjson
+        self._kept = kept
+        self._ended = False
+        # What the next asend raises after held-back bytes went out first.
+        self._after: BaseException | None = None
+
+    async def asend(self, value: None) -> bytes:
+        if self._after is not None:
+            error, self._after = self._after, None
+            raise error
+        while True:
+            try:
+                chunk = await self._inner.asend(value)
+            except StopAsyncIteration:
+                rest = self._sse.finish() if self._sse is not None else b""
+                self._end("complete")
+                if rest:
+                    self._after = StopAsyncIteration()
+                    return rest
+                raise
+            except StreamInterrupted as error:
+                rest = self._sse.finish() if self._sse is not None else b""
+                self._end("failed")
+                if rest:
+                    self._after = error
+                    return rest
+                raise
+            except BaseException:
+                self._end("abandoned")
+                raise
+            self._kept.add(chunk)
+            if self._sse is not None:
+                out = self._sse.feed(chunk)
+                if out:
+                    return out
+                continue  # all held back (an unfinished event, or the usage event)
+            if self._ndjson is not None:
+                self._ndjson.feed(chunk)
+            return chunk
+
+    async def athrow(
+        self,
+        typ: Any,
+        val: Any = None,
+        tb: TracebackType | None = None,
+    ) -> bytes:
+        try:
+            return await self._inner.athrow(typ, val, tb)
+        finally:
+            self._end("abandoned")
+
+    async def aclose(self) -> None:
+        try:
+            await self._inner.aclose()
+        finally:
+            self._end("abandoned")
+
+    def _end(self, how: StreamEnd) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        if self._sse is not None:
+            counts = self._sse.counts
+        elif self._ndjson is not None:
+            counts = self._ndjson.counts()
+        else:
+            counts = Counts()
+        self._on_end(how, counts, self._kept)
+
+
+def _price_key(model: str) -> str:
+    return model.removesuffix(":latest")
+
+
+@register("metering")
+class Metering:
+    """Counts each generation's tokens and cost, by tenant and model."""
+
+    config_model: ClassVar[type[BaseModel]] = MeteringConfig
+
+    def __init__(
+        self, config: MeteringConfig, context: PolicyContext, store: UsageStore | None = None
+    ) -> None:
+        self.config = config
+        self.prices = {_price_key(name): price for name, price in config.prices.items()}
+        self.counter = TokenCounter(config.tokenizer)
+        self.memory = MemoryUsage()
+        # The one extra place records go; a shared store (Redis) is plugged in here.
+        self.store = store
+        self._tenants = BoundedLabels(config.max_tenants)
+        self._models = BoundedLabels(config.max_models)
+        metrics = context.metrics
+        self._tokens = metrics.counter(
+            "tokens_total",
+            "Tokens used, by tenant, model and kind (prompt or completion).",
+            ("tenant", "model", "kind"),
+        )
+        self._requests = metrics.counter(
+            "requests_metered_total",
+            "Metered generation requests, by source of the counts (upstream or estimated).",
+            ("tenant", "model", "source"),
+        )
+        self._cost = metrics.counter(
+            "cost_total",
+            "Cost of the tokens used, from metering.prices (per 1M tokens).",
+            ("tenant", "model"),
+        )
+
+    async def start(self) -> None:
+        # Load the vocabulary now, off the event loop, not on the first cut stream.
+        await asyncio.to_thread(self.counter.load)
+
+    def readiness(self) -> dict[str, Any]:
+        return {
+            "store": "memory" if self.store is None else type(self.store).__name__,
+            "estimator": self.counter.method,
+            **self.memory.total.as_dict(),
+        }
+
+    def totals(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """This process's totals by tenant, then model."""
+        result: dict[str, dict[str, dict[str, Any]]] = {}
+        for (tenant, model), totals in self.memory.by_key.items():
+            result.setdefault(tenant, {})[model] = totals.as_dict()
+        return result
+
+    async def __call__(self, exchange: Exchange, call_next: Next) -> Reply:
+        route = exchange.route.name
+        if route not in GENERATION_ROUTES:
+            return await call_next(exchange)
+        document = exchange.json
+        stream = exchange.wants_stream
+        strip = False
+        if (
+            stream
+            and route in INCLUDE_USAGE_ROUTES
+            and self.config.stream_usage
+            and isinstance(document, dict)
+        ):
+            options = document.get("stream_options")
+            if not (isinstance(options, dict) and options.get("include_usage") is True):
+                options = dict(options) if isinstance(options, dict) else {}
+                options["include_usage"] = True
+                exchange.set_json({**document, "stream_options": options})
+                strip = True
+        reply = await call_next(exchange)
+        if reply.status != 200:
+            return reply
+        if reply.chunks is None:
+            self._plain(exchange, reply.body)
+            return reply
+        stream_format = reply.stream_format or "sse"
+        kept = _Kept(self.config.estimate_buffer)
+
+        def end(how: StreamEnd, counts: Counts, kept: _Kept) -> None:
+            self._stream_end(exchange, how, counts, kept, stream_format)
+
+        chunks = MeteredChunks(
+            reply.chunks,
+            end,
+            sse=SseUsageScanner(strip) if stream_format == "sse" else None,
+            ndjson=NdjsonLastLine() if stream_format == "ndjson" else None,
+            kept=kept,
+        )
+        return replace(reply, chunks=chunks)
+
+    def _plain(self, exchange: Exchange, body: bytes) -> None:
+        counts = Counts()
+        if body.startswith(b"{"):
+            try:
+                document = orjson.loads(body)
+            except orjson.JSONDecodeError:
+                document = None
+            if isinstance(document, dict):
+                found = usage_of(document)
+                if found is not None:
+                    counts.take(*found)
+                elif "prompt_eval_count" in document or "eval_count" in document:
+                    counts.take(document.get("prompt_eval_count", 0), document.get("eval_count", 0))
+        if counts.prompt is None and counts.completion is None:
+            self._estimate(exchange, "complete", None, None)
+            return
+        self._record(exchange, counts.prompt or 0, counts.completion or 0, False, "complete")
+
+    def _stream_end(
+        self, exchange: Exchange, how: StreamEnd, counts: Counts, kept: _Kept, stream_format: str
+    ) -> None:
+        try:
+            if counts.final and counts.prompt is not None:
+                self._record(exchange, counts.prompt, counts.completion or 0, False, how)
+            else:
+                self._estimate(exchange, how, kept, stream_format)
+        except Exception:  # metering must never break the relay's clean-up
+            _log().exception("metering_failed", route=exchange.route.name)
+
+    def _estimate(
+        self, exchange: Exchange, how: str, kept: _Kept | None, stream_format: str | None
+    ) -> None:
+        prompt = prompt_tokens(self.counter, exchange.json)
+        completion = 0
+        if kept is not None and kept.chunks:
+            completion = self.counter.count(completion_text(kept.chunks, stream_format))
+            if kept.seen > kept.kept and kept.kept:
+                completion = round(completion * kept.seen / kept.kept)
+        record = self._record(exchange, prompt, completion, True, how)
+        _log().info(
+            "usage_estimated",
+            request_id=exchange.request_id or None,
+            route=exchange.route.name,
+            tenant=record.tenant,
+            model=record.model,
+            ended=how,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            estimator=self.counter.method,
+        )
+
+    def _record(
+        self, exchange: Exchange, prompt: int, completion: int, estimated: bool, how: str
+    ) -> UsageRecord:
+        model = exchange.model or "unknown"
+        tenant = str(exchange.facts.get("tenant", "anonymous"))
+        price = self.prices.get(_price_key(model))
+        cost = (
+            (prompt * price.prompt + completion * price.completion) / 1_000_000
+            if price is not None
+            else 0.0
+        )
+        exchange.facts["usage"] = {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "estimated": estimated,
+            "cost": cost,
+        }
+        record = UsageRecord(
+            tenant=self._tenants(tenant),
+            model=self._models(model),
+            route=exchange.route.name,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            estimated=estimated,
+            cost=cost,
+            ended=how,
+            request_id=exchange.request_id,
+        )
+        self.record(record)
+        return record
+
+    def record(self, record: UsageRecord) -> None:
+        """Count one metered request: metrics, this process's totals, and the store if any."""
+        tenant, model = record.tenant, record.model
+        self._tokens.labels(tenant, model, "prompt").inc(record.prompt_tokens)
+        self._tokens.labels(tenant, model, "completion").inc(record.completion_tokens)
+        self._requests.labels(tenant, model, "estimated" if record.estimated else "upstream").inc()
+        if record.cost:
+            self._cost.labels(tenant, model).inc(record.cost)
+        self.memory.record(record)
+        if self.store is not None:
+            self.store.record(record)

@@ -1,0 +1,413 @@
+"""metering: counts from the upstream's usage, hidden usage events, estimates, cost, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+
+import policies.metering
+from policies.metering import Metering, NdjsonLastLine, SseUsageScanner, UsageRecord
+from sidecar.app import Sidecar
+from sidecar.tokens import TokenCounter, completion_text
+from tests.conftest import JsonLogs, SidecarFactory
+from tests.fake_ollama import FakeOllama, Fault
+
+assert policies.metering  # imported for its @register("metering")
+
+MODEL = "llama3.2:latest"
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi there"}]}
+PRICES = {"llama3.2": {"prompt": 1000.0, "completion": 2000.0}}
+
+
+def policy_of(sidecar: Sidecar) -> Metering:
+    assert sidecar.runtime is not None
+    for name, policy in sidecar.runtime.policies:
+        if name == "metering":
+            assert isinstance(policy, Metering)
+            return policy
+    raise AssertionError("no metering policy")
+
+
+async def metrics_text(http: aiohttp.ClientSession, sidecar: Sidecar) -> str:
+    async with http.get(f"{sidecar.url}/metrics") as response:
+        return await response.text()
+
+
+def sse_events(body: bytes) -> list[Any]:
+    """Each event's payload, parsed, with ids and timestamps blanked."""
+    events: list[Any] = []
+    for event in body.split(b"\n\n"):
+        if not event.strip():
+            continue
+        assert event.startswith(b"data: "), event
+        payload = event[6:]
+        if payload == b"[DONE]":
+            events.append("[DONE]")
+            continue
+        document = orjson.loads(payload)
+        document.pop("id", None)
+        document.pop("created", None)
+        events.append(document)
+    return events
+
+
+async def post(http: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> tuple[int, bytes]:
+    async with http.post(url, json=body) as response:
+        return response.status, await response.read()
+
+
+# --- plain answers -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "prompt_key", "completion_key"),
+    [
+        ("/v1/chat/completions", CHAT, "prompt_tokens", "completion_tokens"),
+        ("/v1/completions", {"model": MODEL, "prompt": "hi"}, "prompt_tokens", "completion_tokens"),
+        ("/api/chat", {**CHAT, "stream": False}, "prompt_eval_count", "eval_count"),
+        (
+            "/api/generate",
+            {"model": MODEL, "prompt": "hi", "stream": False},
+            "prompt_eval_count",
+            "eval_count",
+        ),
+        ("/v1/messages", {**CHAT, "max_tokens": 50}, "input_tokens", "output_tokens"),
+    ],
+)
+async def test_plain_answer_counts_equal_the_bodys_usage(
+    make_sidecar: SidecarFactory,
+    http: aiohttp.ClientSession,
+    path: str,
+    body: dict[str, Any],
+    prompt_key: str,
+    completion_key: str,
+) -> None:
+    sidecar = await make_sidecar([{"metering": {"prices": PRICES}}])
+    status, raw = await post(http, sidecar.url + path, body)
+    assert status == 200
+    document = orjson.loads(raw)
+    usage = document.get("usage", document)
+    prompt, completion = usage[prompt_key], usage[completion_key]
+    assert prompt > 0 and completion > 0
+    totals = policy_of(sidecar).totals()["anonymous"][MODEL]
+    assert totals["prompt_tokens"] == prompt
+    assert totals["completion_tokens"] == completion
+    assert totals["requests"] == 1 and totals["estimated_requests"] == 0
+    assert totals["cost"] == pytest.approx((prompt * 1000 + completion * 2000) / 1e6)
+
+
+async def test_embeddings_count_prompt_tokens(
+    make_sidecar: SidecarFactory, http: aiohttp.ClientSession
+) -> None:
+    sidecar = await make_sidecar([{"metering": {}}])
+    model = "nomic-embed-text:latest"
+    status, raw = await post(http, f"{sidecar.url}/api/embed", {"model": model, "input": "hello"})
+    assert status == 200
+    totals = policy_of(sidecar).totals()["anonymous"][model]
+    assert totals["prompt_tokens"] == orjson.loads(raw)["prompt_eval_count"]
+    assert totals["completion_tokens"] == 0
+
+
+# --- /v1 streams -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/chat/completions", {**CHAT, "stream": True}),
+        ("/v1/completions", {"model": MODEL, "prompt": "hi", "stream": True}),
+    ],
+)
+async def test_v1_stream_without_include_usage_hides_the_usage_but_meters_it(
+    make_sidecar: SidecarFactory,
+    fake: FakeOllama,
+    http: aiohttp.ClientSession,
+    path: str,
+    body: dict[str, Any],
+) -> None:
+    sidecar = await make_sidecar([{"metering": {}}])
+    _, direct = await post(http, fake.url + path, body)
+    _, through = await post(http, sidecar.url + path, body)
+    # The upstream was asked for usage...
+    sent = fake.requests[-1].json
+    assert sent["stream_options"] == {"include_usage": True}
+    # ...and the client sees exactly the events it gets without it.
+    assert b'"usage"' not in through
+    assert sse_events(through) == sse_events(direct)
+    # With the ids and timestamps the same, the bytes are the same too.
+    _, with_usage = await post(
+        http, fake.url + path, {**body, "stream_options": {"include_usage": True}}
+    )
+    expected = [
+        e for e in sse_events(with_usage) if not (isinstance(e, dict) and e.get("choices") == [])
+    ]
+    for event in expected:
+        if isinstance(event, dict):
+            event.pop("usage", None)
+    assert sse_events(through) == expected
+    usage = next(
+        e for e in sse_events(with_usage) if isinstance(e, dict) and e.get("choices") == []
+    )["usage"]
+    totals = policy_of(sidecar).totals()["anonymous"][MODEL]
+    assert totals["prompt_tokens"] == usage["prompt_tokens"]
+    assert totals["completion_tokens"] == usage["completion_tokens"] == len(fake.chunks)
+    assert totals["estimated_requests"] == 0
+
+
+async def test_v1_stream_bytes_identical_apart_from_ids(
+    make_sidecar: SidecarFactory, fake: FakeOllama, http: aiohttp.ClientSession
+) -> None:
+    sidecar = await make_sidecar([{"metering": {}}])
+    body = {**CHAT, "stream": True}
+    _, direct = await post(http, fake.url + "/v1/chat/completions", body)
+    _, through = await post(http, sidecar.url + "/v1/chat/completions", body)
+
+    def blank(raw: bytes) -> list[bytes]:
+        out = []
+        for event in raw.split(b"\n\n"):
+            if event.startswith(b"data: {"):
+                document = orjson.loads(event[6:])
+                event = event.replace(document["id"].encode(), b"ID").replace(
+                    str(document["created"]).encode(), b"T"
+                )
+            out.append(event)
+        return out
+
+    assert blank(through) == blank(direct)
+
+
+async def test_v1_stream_with_include_usage_keeps_it(
+    make_sidecar: SidecarFactory, fake: FakeOllama, http: aiohttp.ClientSession
+) -> None:
+    sidecar = await make_sidecar([{"metering": {}}])
+    body = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
+    _, through = await post(http, sidecar.url + "/v1/chat/completions", body)
+    usage_events = [
+        e for e in sse_events(through) if isinstance(e, dict) and e.get("choices") == []
+    ]
+    assert len(usage_events) == 1
+    usage = usage_events[0]["usage"]
+    totals = policy_of(sidecar).totals()["anonymous"][MODEL]
+    assert totals["completion_tokens"] == usage["completion_tokens"]
+    assert totals["prompt_tokens"] == usage["prompt_tokens"]
+
+
+async def test_ndjson_final_line_counts(
+    make_sidecar: SidecarFactory, http: aiohttp.ClientSession
+) -> None:
+    sidecar = await make_sidecar([{"metering": {}}])
+    _, raw = await post(http, f"{sidecar.url}/api/chat", CHAT)
+    last = orjson.loads(raw.strip().split(b"\n")[-1])
+    assert last["done"] is True
+    totals = policy_of(sidecar).totals()["anonymous"][MODEL]
+    assert totals["prompt_tokens"] == last["prompt_eval_count"]
+    assert totals["completion_tokens"] == last["eval_count"]
+    assert totals["estimated_requests"] == 0
+
+
+# --- estimates -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/api/chat"])
+async def test_stream_cut_short_is_estimated_and_marked(
+    make_sidecar: SidecarFactory,
+    fake: FakeOllama,
+    http: aiohttp.ClientSession,
+    json_logs: JsonLogs,
+    path: str,
+) -> None:
+    sidecar = await make_sidecar([{"metering": {}}])
+    fake.inject(Fault("reset_after", after_chunks=3))
+    async with http.post(sidecar.url + path, json={**CHAT, "stream": True}) as response:
+        await response.read()
+    policy = policy_of(sidecar)
+    totals = policy.totals()["anonymous"][MODEL]
+    assert totals["estimated_requests"] == 1
+    expected = TokenCounter("llama3").count("".join(fake.chunks[:3]))
+    assert totals["completion_tokens"] == expected
+    assert totals["prompt_tokens"] > 0
+    logged = [line for line in json_logs() if line.get("event") == "usage_estimated"]
+    assert logged and logged[0]["ended"] == "failed"
+    text = await metrics_text(http, sidecar)
+    assert (
+        'ollama_sidecar_requests_metered_total{model="llama3.2:latest",source="estimated",tenant="anonymous"} 1.0'
+        in text
+    )
+
+
+async def test_client_gone_mid_stream_is_still_metered(
+    make_sidecar: SidecarFactory, fake: FakeOllama, http: aiohttp.ClientSession
+) -> None:
+    sidecar = await make_sidecar([{"metering": {}}])
+    hold = asyncio.Event()
+
+    async def gate(index: int) -> None:
+        if index >= 2:
+            await hold.wait()
+
+    fake.between_chunks = gate
+    policy = policy_of(sidecar)
+    store = Recorded()
+    policy.store = store  # the place a shared store plugs in
+    response = await http.post(f"{sidecar.url}/v1/chat/completions", json={**CHAT, "stream": True})
+    await response.content.readuntil(b"\n\n")
+    await response.content.readuntil(b"\n\n")
+    response.close()  # the client hangs up while the upstream is still generating
+    async with asyncio.timeout(5):
+        await store.seen.wait()
+    assert store.records[0].estimated and store.records[0].ended == "abandoned"
+    hold.set()
+    totals = policy.totals()["anonymous"][MODEL]
+    assert totals["requests"] == 1 and totals["estimated_requests"] == 1
+    assert totals["completion_tokens"] == TokenCounter("llama3").count("".join(fake.chunks[:2]))
+    assert policy.readiness()["estimated_requests"] == 1
+
+
+class Recorded:
+    """A usage store that keeps the records and says when one arrived."""
+
+    def __init__(self) -> None:
+        self.records: list[UsageRecord] = []
+        self.seen = asyncio.Event()
+
+    def record(self, record: UsageRecord) -> None:
+        self.records.append(record)
+        self.seen.set()
+
+
+# --- tenants, cost, metrics --------------------------------------------------------------
+
+
+async def test_cost_metrics_and_readiness(
+    make_sidecar: SidecarFactory, http: aiohttp.ClientSession
+) -> None:
+    sidecar = await make_sidecar(
+        [{"metering": {"prices": {"llama3.2:latest": {"prompt": 1e6, "completion": 2e6}}}}]
+    )
+    _, raw = await post(http, f"{sidecar.url}/v1/chat/completions", CHAT)
+    usage = orjson.loads(raw)["usage"]
+    cost = usage["prompt_tokens"] * 1.0 + usage["completion_tokens"] * 2.0
+    text = await metrics_text(http, sidecar)
+    labels = 'model="llama3.2:latest",tenant="anonymous"'
+    assert f"ollama_sidecar_cost_total{{{labels}}} {cost}" in text
+    assert (
+        f'ollama_sidecar_tokens_total{{kind="prompt",{labels}}} {float(usage["prompt_tokens"])}'
+        in text
+    )
+    assert (
+        f'ollama_sidecar_tokens_total{{kind="completion",{labels}}} {float(usage["completion_tokens"])}'
+        in text
+    )
+    assert (
+        'ollama_sidecar_requests_metered_total{model="llama3.2:latest",source="upstream",'
+        'tenant="anonymous"} 1.0' in text
+    )
+    async with http.get(f"{sidecar.url}/readyz") as response:
+        detail = await response.json()
+    metering = detail["policies"]["metering"]
+    assert metering["requests"] == 1 and metering["cost"] == cost
+
+
+def test_label_cardinality_is_bounded() -> None:
+    labels = policies.metering.BoundedLabels(2)
+    assert [labels(v) for v in ("a", "b", "c", "a", "d")] == ["a", "b", "other", "a", "other"]
+
+
+# --- the parsers, fed byte by byte -------------------------------------------------------
+
+USAGE_EVENT = b'data: {"id":"x","choices":[],"usage":{"prompt_tokens":7,"completion_tokens":3,"total_tokens":10}}\n\n'
+CHUNK_EVENT = b'data: {"id":"x","choices":[{"index":0,"delta":{"content":"hi \\"usage\\""}}]}\n\n'
+STREAM = CHUNK_EVENT * 3 + USAGE_EVENT + b"data: [DONE]\n\n"
+
+
+@pytest.mark.parametrize("step", [1, 2, 7, 64, len(STREAM)])
+def test_sse_scanner_strips_usage_event_split_across_reads(step: int) -> None:
+    scanner = SseUsageScanner(strip=True)
+    out = b"".join(scanner.feed(STREAM[i : i + step]) for i in range(0, len(STREAM), step))
+    out += scanner.finish()
+    assert out == CHUNK_EVENT * 3 + b"data: [DONE]\n\n"
+    assert (scanner.counts.prompt, scanner.counts.completion, scanner.counts.final) == (7, 3, True)
+
+
+def test_sse_scanner_without_strip_passes_every_chunk_untouched() -> None:
+    scanner = SseUsageScanner(strip=False)
+    pieces = [STREAM[i : i + 5] for i in range(0, len(STREAM), 5)]
+    assert [scanner.feed(piece) for piece in pieces] == pieces
+    assert scanner.counts.prompt == 7 and scanner.counts.final
+
+
+def test_sse_scanner_strips_completions_zero_usage_member() -> None:
+    zero = b'{"prompt_tokens":0,"completion_tokens":0,"total_tokens":0}'
+    event = (
+        b'data: {"id":"c","choices":[{"text":"a","index":0}],"model":"m","usage":' + zero + b"}\n\n"
+    )
+    scanner = SseUsageScanner(strip=True)
+    out = b"".join(scanner.feed(bytes([b])) for b in event + USAGE_EVENT)
+    assert out == b'data: {"id":"c","choices":[{"text":"a","index":0}],"model":"m"}\n\n'
+    assert scanner.counts.completion == 3
+
+
+def test_sse_scanner_zero_usage_alone_is_not_final() -> None:
+    scanner = SseUsageScanner(strip=True)
+    scanner.feed(
+        b'data: {"choices":[{"text":"a"}],"usage":{"prompt_tokens":0,"completion_tokens":0}}\n\n'
+    )
+    assert not scanner.counts.final
+
+
+def test_ndjson_last_line_split_byte_by_byte() -> None:
+    lines = b'{"message":{"content":"a"},"done":false}\n{"done":true,"prompt_eval_count":5,"eval_count":2}\n'
+    tracker = NdjsonLastLine()
+    for b in lines:
+        tracker.feed(bytes([b]))
+    counts = tracker.counts()
+    assert (counts.prompt, counts.completion, counts.final) == (5, 2, True)
+
+
+def test_completion_text_from_partial_streams() -> None:
+    assert completion_text([CHUNK_EVENT, b'data: {"choi'], "sse") == 'hi "usage"'
+    ndjson = [b'{"message":{"content":"Hel"}}\n{"response":"lo"}\n{"mess']
+    assert completion_text(ndjson, "ndjson") == "Hello"
+
+
+async def test_tenant_from_facts_and_price_without_latest() -> None:
+    from multidict import CIMultiDict, CIMultiDictProxy
+
+    from sidecar.chain import PolicyContext
+    from sidecar.config import parse_settings
+    from sidecar.exchange import Exchange, Reply
+    from sidecar.observability import Metrics
+    from sidecar.routes import ROUTES
+
+    context = PolicyContext(settings=parse_settings({}), metrics=Metrics())
+    config = policies.metering.MeteringConfig.model_validate(
+        {"prices": {"llama3.2": {"prompt": 1.0, "completion": 3.0}}}
+    )
+    policy = Metering(config, context)
+    exchange = Exchange(
+        method="POST",
+        route=ROUTES["/v1/chat/completions"],
+        path="/v1/chat/completions",
+        query_string="",
+        headers=CIMultiDictProxy(CIMultiDict()),
+        body=orjson.dumps(CHAT),
+    )
+    exchange.facts["tenant"] = "team-a"
+    body = b'{"usage":{"prompt_tokens":1000000,"completion_tokens":2000000}}'
+
+    async def upstream(exchange: Exchange) -> Reply:
+        return Reply(200, CIMultiDict(), body=body)
+
+    await policy(exchange, upstream)
+    assert exchange.facts["usage"] == {
+        "prompt_tokens": 1_000_000,
+        "completion_tokens": 2_000_000,
+        "total_tokens": 3_000_000,
+        "estimated": False,
+        "cost": 7.0,
+    }
+    assert policy.totals()["team-a"][MODEL]["cost"] == 7.0
