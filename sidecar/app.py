@@ -133,7 +133,7 @@ class Sidecar:
             await self._runner.cleanup()
             self._runner = None
         for retired in list(self._retired):
-            await close_runtime(retired, keep_upstream=retired.upstream is self._current_upstream())
+            await close_runtime(retired, self.runtime)
         self._retired.clear()
         if self.runtime is not None:
             await close_runtime(self.runtime)
@@ -145,9 +145,6 @@ class Sidecar:
         task = asyncio.get_running_loop().create_task(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
-
-    def _current_upstream(self) -> Upstream | None:
-        return self.runtime.upstream if self.runtime is not None else None
 
     async def apply(self, settings: Settings) -> bool:
         """Swap in a new config for new requests; in-flight ones finish on the old one.
@@ -167,9 +164,7 @@ class Sidecar:
                 )
                 settings = settings.model_copy(update={"listen": old.settings.listen})
             try:
-                new = await build_runtime(
-                    settings, self.metrics, self.deadlines, reuse_upstream=old.upstream
-                )
+                new = await build_runtime(settings, self.metrics, self.deadlines, previous=old)
             except Exception as exc:
                 self._reloads.labels("rejected").inc()
                 log.error("reload_failed", error=str(exc) or exc.__class__.__name__)
@@ -188,7 +183,7 @@ class Sidecar:
 
     async def _close_retired(self, runtime: Runtime) -> None:
         self._retired.discard(runtime)
-        await close_runtime(runtime, keep_upstream=runtime.upstream is self._current_upstream())
+        await close_runtime(runtime, self.runtime)
 
     def reject_reload(self, problems: list[str]) -> None:
         """Record a config that did not validate; the running one stays."""

@@ -12,7 +12,7 @@ import asyncio
 import importlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, runtime_checkable
@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, runtime_chec
 from pydantic import BaseModel
 
 from sidecar.exchange import Exchange, Reply
+from sidecar.stores import Store, open_store
 
 if TYPE_CHECKING:
     from sidecar.config import Settings
@@ -44,7 +45,7 @@ class Policy(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class PolicyContext:
-    """What a policy may use when it is built: the whole settings, the metrics, the clock.
+    """What a policy may use when it is built: settings, metrics, clock, the shared store.
 
     `clock` and `sleep` are injectable so that policies whose behaviour depends
     on time (backoff, breaker windows) are tested on a fake clock, not real sleeps.
@@ -54,6 +55,8 @@ class PolicyContext:
     metrics: Metrics
     clock: Callable[[], float] = time.monotonic
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+    # Shared state (sidecar/stores.py): memory per pod, or Redis across replicas.
+    store: Store = field(default_factory=lambda: open_store(None))
 
 
 class PolicyFactory(Protocol):

@@ -191,6 +191,29 @@ class ReadinessSettings(StrictModel):
     timeout: Duration = Field(2.0, gt=0, le=60, description="Time the upstream check may take.")
 
 
+class StoreSettings(StrictModel):
+    redis_url: str | None = Field(
+        None,
+        description="null: state in memory, per pod; redis://host:6379/0: shared by every replica.",
+    )
+    prefix: str = Field(
+        "ollama-sidecar:", min_length=1, max_length=128, description="Prefix of every Redis key."
+    )
+    timeout: Duration = Field(
+        1.0,
+        gt=0,
+        le=60,
+        description="Longest one store operation may take before it counts as down.",
+    )
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        if value is not None and urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(f"a redis://, rediss:// or unix:// URL, not {value!r}")
+        return value
+
+
 class ReloadSettings(StrictModel):
     watch: bool = Field(
         True, description="Reload when the config file changes (SIGHUP always reloads)."
@@ -247,6 +270,10 @@ class Settings(StrictModel):
         default_factory=ReadinessSettings, description="How /readyz checks the upstream."
     )
     logging: LoggingSettings = Field(default_factory=LoggingSettings, description="Log output.")
+    stores: StoreSettings = Field(
+        default_factory=StoreSettings,
+        description="Where shared state (limits, usage, budgets) lives.",
+    )
     reload: ReloadSettings = Field(
         default_factory=ReloadSettings, description="Applying a changed config without a restart."
     )

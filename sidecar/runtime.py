@@ -16,6 +16,7 @@ from sidecar.chain import Next, Policy, PolicyContext, build_chain
 from sidecar.config import Settings
 from sidecar.deadlines import DeadlineWatch
 from sidecar.observability import Metrics
+from sidecar.stores import Store, open_store
 from sidecar.upstream import Upstream
 
 log = structlog.get_logger("sidecar.runtime")
@@ -25,6 +26,7 @@ log = structlog.get_logger("sidecar.runtime")
 class Runtime:
     settings: Settings
     upstream: Upstream
+    store: Store
     chain: Next
     policies: list[tuple[str, Policy]]
     allowed_management: frozenset[str]
@@ -38,16 +40,21 @@ async def build_runtime(
     settings: Settings,
     metrics: Metrics,
     deadlines: DeadlineWatch,
-    reuse_upstream: Upstream | None = None,
+    previous: Runtime | None = None,
 ) -> Runtime:
-    """Start an upstream client (or keep `reuse_upstream` when its settings are unchanged),
-    instantiate the configured policies and start those that need it."""
-    if reuse_upstream is not None and reuse_upstream.settings == settings.upstream:
-        upstream = reuse_upstream
+    """Start an upstream client and a store (or keep the previous runtime's when their
+    settings are unchanged), instantiate the configured policies and start them."""
+    if previous is not None and previous.upstream.settings == settings.upstream:
+        upstream = previous.upstream
     else:
         upstream = Upstream(settings.upstream, metrics, deadlines)
         await upstream.start()
-    context = PolicyContext(settings=settings, metrics=metrics)
+    if previous is not None and previous.settings.stores == settings.stores:
+        store = previous.store
+    else:
+        stores = settings.stores
+        store = open_store(stores.redis_url, stores.prefix, timeout_s=stores.timeout)
+    context = PolicyContext(settings=settings, metrics=metrics, store=store)
     policies: list[tuple[str, Policy]] = []
     try:
         for entry in settings.policies:
@@ -58,26 +65,32 @@ async def build_runtime(
             policies.append((entry.name, policy))
     except BaseException:
         await _close_policies(policies)
-        if upstream is not reuse_upstream:
+        if previous is None or upstream is not previous.upstream:
             await upstream.close()
+        if previous is None or store is not previous.store:
+            await store.close()
         raise
     return Runtime(
         settings=settings,
         upstream=upstream,
+        store=store,
         chain=build_chain([policy for _, policy in policies], upstream.send),
         policies=policies,
         allowed_management=frozenset(settings.management.allow),
     )
 
 
-async def close_runtime(runtime: Runtime, keep_upstream: bool = False) -> None:
-    """Close the policies (last first), then the upstream client unless a newer runtime uses it."""
+async def close_runtime(runtime: Runtime, current: Runtime | None = None) -> None:
+    """Close the policies (last first), then the upstream client and the store unless
+    `current` (the runtime that replaced this one) still uses them."""
     if runtime.closed:
         return
     runtime.closed = True
     await _close_policies(runtime.policies)
-    if not keep_upstream:
+    if current is None or runtime.upstream is not current.upstream:
         await runtime.upstream.close()
+    if current is None or runtime.store is not current.store:
+        await runtime.store.close()
 
 
 async def _close_policies(policies: list[tuple[str, Policy]]) -> None:

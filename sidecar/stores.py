@@ -31,11 +31,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
-
 __all__ = [
     "MemoryStore",
     "RedisStore",
@@ -492,6 +487,14 @@ class RedisStore(Store):
         max_connections: int = 64,
     ) -> None:
         _check_finite("timeout_s", timeout_s, nonneg=True)
+        # Imported here, not at the top: redis-py loads OpenTelemetry whenever it is
+        # installed, and a sidecar without Redis should not pay for either.
+        import redis.asyncio as aioredis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+        from redis.exceptions import RedisError
+
+        self._failures: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
         self._prefix = prefix
         self._timeout_s = timeout_s
         self._url = url
@@ -529,7 +532,7 @@ class RedisStore(Store):
         try:
             async with asyncio.timeout(self._timeout_s):
                 return await op()
-        except (RedisError, OSError, TimeoutError) as exc:
+        except self._failures as exc:
             raise StoreUnavailable(
                 f"redis {what} failed ({type(exc).__name__}: {exc or 'timed out'})"
             ) from exc
