@@ -15,6 +15,7 @@ from sidecar import observability
 from sidecar.app import Sidecar
 from sidecar.config import Settings, parse_settings
 from tests.fake_ollama import FakeOllama
+from tests.redis_server import RedisServer, RedisServerMissing
 
 SidecarFactory = Callable[..., Awaitable[Sidecar]]
 JsonLogs = Callable[[], list[dict[str, Any]]]
@@ -99,3 +100,14 @@ def json_logs() -> Iterator[JsonLogs]:
 
     yield lines
     observability.reset_logging()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One real redis-server for the session; FAILS (never skips) when the binary is missing."""
+    try:
+        server = RedisServer()
+    except RedisServerMissing as exc:
+        pytest.fail(str(exc), pytrace=False)
+    with server:
+        yield server

@@ -7,27 +7,16 @@ import math
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import pytest
 import redis.asyncio as aioredis
 
 from sidecar.stores import MemoryStore, RedisStore, Store, StoreUnavailable, open_store
-from tests.redis_server import RedisServer, RedisServerMissing, free_port
+from tests.redis_server import RedisServer, free_port
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="session")
-def redis_server() -> Iterator[RedisServer]:
-    """One real redis-server for the session; FAILS (never skips) when the binary is missing."""
-    try:
-        server = RedisServer()
-    except RedisServerMissing as exc:
-        pytest.fail(str(exc), pytrace=False)
-    with server:
-        yield server
 
 
 class FakeClock:
