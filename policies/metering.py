@@ -52,6 +52,7 @@ from sidecar.chain import Next, PolicyContext, register
 from sidecar.config import ByteSize
 from sidecar.errors import StreamInterrupted
 from sidecar.exchange import Exchange, Reply
+from sidecar.ledger import UsageLedger, UsageRecord
 from sidecar.tokens import Encoding, TokenCounter, completion_text, prompt_tokens
 
 StreamEnd = Literal["complete", "failed", "abandoned"]
@@ -115,27 +116,8 @@ class MeteringConfig(BaseModel):
     )
 
 
-@dataclass(frozen=True, slots=True)
-class UsageRecord:
-    """One metered request, as a store receives it."""
-
-    tenant: str
-    model: str
-    route: str
-    prompt_tokens: int
-    completion_tokens: int
-    estimated: bool
-    cost: float
-    ended: str  # complete | failed | abandoned (plain answers: complete)
-    request_id: str = ""
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
-
-
 class UsageStore(Protocol):
-    """Where usage records go: memory now, a shared store (Redis) later."""
+    """Where usage records go: by default the usage ledger in the shared store."""
 
     def record(self, record: UsageRecord) -> None: ...
 
@@ -494,7 +476,11 @@ class Metering:
         self.counter = TokenCounter(config.tokenizer)
         self.memory = MemoryUsage()
         # The one extra place records go; a shared store (Redis) is plugged in here.
-        self.store = store
+        # The ledger adds every record to the shared store (memory or Redis), where
+        # the usage report reads it; tests may plug in another recorder.
+        self.store: UsageStore = (
+            store if store is not None else UsageLedger(context.store, context.metrics)
+        )
         self._tenants = BoundedLabels(config.max_tenants)
         self._models = BoundedLabels(config.max_models)
         metrics = context.metrics
@@ -518,9 +504,14 @@ class Metering:
         # Load the vocabulary now, off the event loop, not on the first cut stream.
         await asyncio.to_thread(self.counter.load)
 
+    async def close(self) -> None:
+        # Records still on their way to the shared store are written before the end.
+        if isinstance(self.store, UsageLedger):
+            await self.store.flush()
+
     def readiness(self) -> dict[str, Any]:
         return {
-            "store": "memory" if self.store is None else type(self.store).__name__,
+            "store": type(self.store).__name__,
             "estimator": self.counter.method,
             **self.memory.total.as_dict(),
         }
@@ -664,5 +655,4 @@ class Metering:
         if record.cost:
             self._cost.labels(tenant, model).inc(record.cost)
         self.memory.record(record)
-        if self.store is not None:
-            self.store.record(record)
+        self.store.record(record)

@@ -8,6 +8,7 @@ Application's router and middleware machinery would be cost without use.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Coroutine
 from typing import Any
@@ -25,10 +26,12 @@ from sidecar.config import Settings
 from sidecar.deadlines import DeadlineWatch
 from sidecar.errors import SidecarError, StreamInterrupted, dialect_for_path, error_response
 from sidecar.exchange import Exchange
+from sidecar.ledger import usage_report
 from sidecar.observability import Metrics, write_access_line
 from sidecar.relay import relay
 from sidecar.routes import check_access, find_route
 from sidecar.runtime import Runtime, build_runtime, close_runtime
+from sidecar.stores import StoreUnavailable
 from sidecar.upstream import Upstream
 
 log = structlog.get_logger("sidecar")
@@ -68,6 +71,7 @@ class Sidecar:
             "/healthz": self._healthz,
             "/readyz": self._readyz,
             "/metrics": self._metrics,
+            "/sidecar/usage": self._usage,
         }
 
     @property
@@ -372,6 +376,20 @@ class Sidecar:
             200 if ready else 503, {"status": "ready" if ready else "not ready", **detail}
         )
 
+    async def _usage(self, request: web.BaseRequest) -> web.StreamResponse:
+        """Usage per tenant and model this month (or `?period=2026-10`), `?tenant=` for one."""
+        assert self.runtime is not None
+        tenant = request.query.get("tenant") or None
+        period = request.query.get("period") or None
+        if period is not None and not _PERIOD.fullmatch(period):
+            error = SidecarError(400, "period is a month: YYYY-MM", code="invalid_period")
+            return error_response(error, "openai")
+        try:
+            report = await usage_report_with_budgets(self.runtime, tenant, period)
+        except StoreUnavailable as exc:
+            return error_response(SidecarError(503, str(exc), code="store_unavailable"), "openai")
+        return _json_response(200, report)
+
     def _policy_detail(self) -> dict[str, Any]:
         """What policies report of themselves (a breaker's state, say), by name."""
         detail: dict[str, Any] = {}
@@ -405,6 +423,21 @@ class Sidecar:
         return web.Response(
             body=self.metrics.render(), headers={"Content-Type": _METRICS_CONTENT_TYPE}
         )
+
+
+_PERIOD = re.compile(r"\d{4}-\d{2}")
+
+
+async def usage_report_with_budgets(
+    runtime: Runtime, tenant: str | None, period: str | None
+) -> dict[str, Any]:
+    """The ledger's totals, with what budget-keeping policies add (the budget left)."""
+    report = await usage_report(runtime.store, tenant, period)
+    for name, policy in runtime.policies:
+        detail = getattr(policy, "usage_detail", None)
+        if detail is not None:
+            report.setdefault("budgets", {})[name] = await detail(tenant)
+    return report
 
 
 def _too_large(max_body: int) -> SidecarError:

@@ -37,6 +37,12 @@ def _parser() -> argparse.ArgumentParser:
         "schema", help="print the config's JSON Schema (or, with --markdown, the policy reference)"
     )
     schema.add_argument("--markdown", action="store_true", help="the policy reference as Markdown")
+    usage = commands.add_parser(
+        "usage", help="usage per tenant and model from the shared store (stores.redis_url)"
+    )
+    usage.add_argument("--config", help="YAML config file (default: $SIDECAR_CONFIG)")
+    usage.add_argument("--tenant", help="only this tenant")
+    usage.add_argument("--period", help="a month, YYYY-MM (default: this one)")
     check = commands.add_parser(
         "check-config", help="validate a config file and print every problem"
     )
@@ -48,6 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "check-config":
         return check_config(args.file)
+    if args.command == "usage":
+        return _run(lambda: usage_command(args.config, args.tenant, args.period))
     if args.command == "schema":
         from sidecar.schema import json_schema, policy_reference
 
@@ -120,6 +128,39 @@ async def serve(settings: Settings, load: Callable[[], Settings], config_path: s
     loop.remove_signal_handler(signal.SIGHUP)
     await sidecar.stop()
     flush_logs()
+    return 0
+
+
+async def usage_command(config: str | None, tenant: str | None, period: str | None) -> int:
+    """Print the usage report the running sidecars write to the shared store."""
+    from sidecar.app import usage_report_with_budgets
+    from sidecar.deadlines import DeadlineWatch
+    from sidecar.observability import Metrics
+    from sidecar.runtime import build_runtime, close_runtime
+    from sidecar.stores import StoreUnavailable
+
+    try:
+        settings = load_settings(config)
+    except ConfigError as error:
+        for line in error.lines():
+            print(f"config error: {line}", file=sys.stderr)
+        return 2
+    if settings.stores.redis_url is None:
+        print(
+            "stores.redis_url is not set: usage lives in each sidecar's memory; "
+            "ask a running sidecar instead: GET /sidecar/usage",
+            file=sys.stderr,
+        )
+        return 1
+    runtime = await build_runtime(settings, Metrics(), DeadlineWatch())
+    try:
+        report = await usage_report_with_budgets(runtime, tenant, period)
+    except StoreUnavailable as exc:
+        print(f"the store is unavailable: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        await close_runtime(runtime)
+    print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
     return 0
 
 

@@ -10,8 +10,9 @@ import orjson
 import pytest
 
 import policies.metering
-from policies.metering import Metering, NdjsonLastLine, SseUsageScanner, UsageRecord
+from policies.metering import Metering, NdjsonLastLine, SseUsageScanner
 from sidecar.app import Sidecar
+from sidecar.ledger import UsageRecord
 from sidecar.tokens import TokenCounter, completion_text
 from tests.conftest import JsonLogs, SidecarFactory
 from tests.fake_ollama import FakeOllama, Fault

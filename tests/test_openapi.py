@@ -49,3 +49,20 @@ async def test_the_endpoints_answer_as_documented(
         jsonschema.validate(await response.json(), schema("OpenAIError"))
     async with http.post(f"{sidecar.url}/api/chat", data=b"{") as response:
         jsonschema.validate(await response.json(), schema("NativeError"))
+
+
+async def test_the_usage_report_answers_as_documented(
+    make_sidecar: SidecarFactory, http: aiohttp.ClientSession
+) -> None:
+    sidecar = await make_sidecar(policies=[{"metering": {}}])
+    async with http.post(
+        f"{sidecar.url}/v1/chat/completions",
+        json={"model": "llama3.2:latest", "messages": [{"role": "user", "content": "hi"}]},
+    ) as response:
+        assert response.status == 200
+    assert sidecar.runtime is not None
+    await dict(sidecar.runtime.policies)["metering"].store.flush()  # type: ignore[attr-defined]
+    async with http.get(f"{sidecar.url}/sidecar/usage") as response:
+        report = await response.json()
+    jsonschema.validate(report, schema("UsageReport"))
+    assert report["tenants"]["anonymous"]["totals"]["requests"] == 1
