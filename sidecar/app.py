@@ -216,7 +216,25 @@ class Sidecar:
         internal = self._internal.get(request.path)
         if internal is not None and request.method in ("GET", "HEAD"):
             return await internal(request)
+        if request.path == "/sidecar/cache" and request.method == "DELETE":
+            return await self._purge(request)
         return await self._proxy(request)
+
+    async def _purge(self, request: web.BaseRequest) -> web.StreamResponse:
+        """DELETE /sidecar/cache[?model=m]: every policy that keeps answers drops them."""
+        assert self.runtime is not None
+        model = request.query.get("model") or None
+        purged: dict[str, Any] = {}
+        for name, policy in self.runtime.policies:
+            purge = getattr(policy, "purge", None)
+            if purge is not None:
+                try:
+                    purged[name] = await purge(model)
+                except StoreUnavailable as exc:
+                    return error_response(
+                        SidecarError(503, str(exc), code="store_unavailable"), "openai"
+                    )
+        return _json_response(200, {"purged": purged, "model": model})
 
     async def _proxy(self, request: web.BaseRequest) -> web.StreamResponse:
         runtime = self.runtime

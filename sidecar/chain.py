@@ -37,7 +37,9 @@ class Policy(Protocol):
 
     Optional extras the app uses when a policy has them: `async start()` and
     `async close()` (lifecycle), `readiness() -> dict` (shown under the policy's
-    name in /readyz detail).
+    name in /readyz detail), `async usage_detail(tenant) -> dict` (added to
+    GET /sidecar/usage), `async purge(model | None) -> int | dict` (called by
+    DELETE /sidecar/cache).
     """
 
     async def __call__(self, exchange: Exchange, call_next: Next) -> Reply: ...
