@@ -43,6 +43,7 @@ CREATED = 1_764_000_000
 CREATED_AT = "2026-11-25T08:00:00.000000Z"
 STREAM_RE = re.compile(rb'"stream"\s*:\s*true')
 NO_STREAM_RE = re.compile(rb'"stream"\s*:\s*false')
+INCLUDE_USAGE_RE = re.compile(rb'"include_usage"\s*:\s*true')
 MAX_HEAD = 64 * 1024
 
 
@@ -116,8 +117,21 @@ def build_responses(chunks: int) -> dict[str, object]:
             ],
         }
         sse_frames.append(_chunk(b"data: " + _dumps(event) + b"\n\n"))
+    # With stream_options.include_usage (as Ollama does): one usage-only event before [DONE].
+    usage_event = {
+        "id": "chatcmpl-bench0001",
+        "object": "chat.completion.chunk",
+        "created": CREATED,
+        "model": MODEL,
+        "system_fingerprint": "fp_ollama",
+        "choices": [],
+        "usage": {"prompt_tokens": 26, "completion_tokens": chunks, "total_tokens": 26 + chunks},
+    }
+    sse_usage_frames = [*sse_frames, _chunk(b"data: " + _dumps(usage_event) + b"\n\n")]
     sse_frames.append(_chunk(b"data: [DONE]\n\n"))
     sse_frames.append(b"0\r\n\r\n")
+    sse_usage_frames.append(_chunk(b"data: [DONE]\n\n"))
+    sse_usage_frames.append(b"0\r\n\r\n")
 
     nd_frames: list[bytes] = []
     for i, w in enumerate(words):
@@ -162,6 +176,7 @@ def build_responses(chunks: int) -> dict[str, object]:
         "chat": _response("200 OK", js, _dumps(chat)),
         "sse_head": _stream_head("text/event-stream"),
         "sse": sse_frames,
+        "sse_usage": sse_usage_frames,
         "nd_head": _stream_head("application/x-ndjson"),
         "nd": nd_frames,
         "ollama_chat": _response("200 OK", js, _dumps(ollama_chat)),
@@ -274,7 +289,8 @@ class UpstreamProtocol(asyncio.Protocol):
         if method == b"post":
             if target == b"/v1/chat/completions":
                 if STREAM_RE.search(body):
-                    self._stream(head, r["sse_head"], r["sse"])  # type: ignore[arg-type]
+                    frames = r["sse_usage"] if INCLUDE_USAGE_RE.search(body) else r["sse"]
+                    self._stream(head, r["sse_head"], frames)  # type: ignore[arg-type]
                 else:
                     write(r["chat"])  # type: ignore[arg-type]
                 return
