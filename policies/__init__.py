@@ -1,6 +1,7 @@
 """Built-in policies, one module each; importing this package registers them all by name."""
 
 from policies import (
+    audit,
     auth,
     circuit_breaker,
     concurrency,
@@ -12,6 +13,7 @@ from policies import (
 )
 
 __all__ = [
+    "audit",
     "auth",
     "circuit_breaker",
     "concurrency",
