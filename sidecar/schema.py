@@ -7,13 +7,15 @@ say is what `check-config` enforces; a test keeps docs/policies.md in step.
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from sidecar.chain import builtin_policy_names, find_policy
 from sidecar.config import Settings
+from sidecar.units import parse_duration, parse_size
 
 
 def json_schema() -> dict[str, Any]:
@@ -78,8 +80,35 @@ def _option_rows(model: type[BaseModel], prefix: str = "") -> list[str]:
 
 
 def _type_name(info: FieldInfo) -> str:
-    text = str(info.annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
+    # pydantic moves a field's own Annotated metadata into FieldInfo.metadata.
+    text = _describe(info.annotation, list(info.metadata))
     return f"`{text}`".replace("|", "\\|")
+
+
+def _describe(annotation: Any, metadata: list[Any] | None = None) -> str:
+    """A reader's name for a type: `duration`, `size`, `int | None`, `list[str]`..."""
+    for item in metadata or ():
+        func = getattr(item, "func", None)
+        if func is parse_duration:
+            return "duration"
+        if func is parse_size:
+            return "size"
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        base, *extra = get_args(annotation)
+        return _describe(base, extra)
+    if origin in (Union, UnionType):
+        return " | ".join(_describe(arg) for arg in get_args(annotation))
+    if origin is Literal:
+        return " | ".join(repr(arg) for arg in get_args(annotation))
+    if origin is not None:
+        name = getattr(origin, "__name__", str(origin))
+        return f"{name}[{', '.join(_describe(arg) for arg in get_args(annotation))}]"
+    if annotation is type(None):
+        return "None"
+    if annotation is Ellipsis:
+        return "..."
+    return getattr(annotation, "__name__", str(annotation))
 
 
 def _default(info: FieldInfo) -> str:
