@@ -1,0 +1,796 @@
+"""cache: exact response cache with single-flight, on memory (one pod) or Redis (shared).
+
+What is cached: complete 200 answers of the model routes, keyed by a SHA-256 of
+the route, the model after aliasing (place `cache` after `routing`), the tenant
+(`scope: tenant`, the default) and the request body normalised: keys sorted,
+fields that do not change the answer left out (`user`, `stream_options`,
+`stream`) and Ollama's effective defaults filled in (a missing `temperature` or
+`top_p` on the OpenAI-shaped routes is 1.0). Embeddings are always cached;
+generations only when deterministic (`temperature: 0` or a `seed`; on the native
+routes in `options`) unless `cache_nondeterministic: true`.
+
+Streamed and plain answers are kept apart: the key also carries whether the
+client asked for a stream (and, for a stream, `stream_options.include_usage`,
+which changes the stream's bytes). A stream is recorded as its events and
+replayed as real chunked SSE/NDJSON, event by event, byte for byte what the
+first client got. Errors are never stored, nor is a stream that did not end
+with its end marker (the upstream step raises StreamInterrupted for those),
+nor one every client abandoned (unless `complete_on_disconnect`).
+
+Single-flight (within a pod): the first request for a key (the leader) starts
+one upstream call in a task of its own; identical requests arriving meanwhile
+join it. A plain answer is handed to all; a stream is appended to a shared
+list of chunks that every client (leader included) reads from the start, as
+chunks arrive. If the call fails before its answer, every waiting client gets
+the same error (the same SidecarError, or the same non-200 answer); a stream
+that breaks mid-way ends with the same StreamInterrupted for all. When every
+client has gone the upstream call is cancelled (its connection closed), unless
+`complete_on_disconnect: true`, which lets it finish and be stored.
+
+Control: `Cache-Control: no-cache` skips the lookup (and the joining) but
+stores the fresh answer; `no-store` skips both. The answer carries
+`x-sidecar-cache: hit | miss | bypass | coalesced`, and `facts["cache"]` the
+same. A hit or a coalesced answer costs no upstream tokens: it sets
+`facts["cached_usage"]` to the usage the answer represents (from
+`facts["usage"]`, which `metering` placed after `cache` fills in, or from the
+plain body's own `usage`). `purge(model)` serves DELETE /sidecar/cache.
+
+Storage is aiocache: `SimpleMemoryCache` with a total size cap (oldest entries
+evicted first), or `RedisCache` at `stores.redis_url` (keys under
+`stores.prefix`). A store that fails or is slow (`stores.timeout`) counts as a
+miss and the request still goes upstream; nothing ever waits on it longer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import time
+from collections import OrderedDict
+from collections.abc import AsyncGenerator
+from types import TracebackType
+from typing import Any, ClassVar, Literal
+from urllib.parse import unquote, urlsplit
+
+import orjson
+import structlog
+from aiocache import Cache as AioCache
+from aiocache.base import BaseCache
+from aiocache.serializers import NullSerializer
+from multidict import CIMultiDict
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from sidecar.chain import Next, PolicyContext, register
+from sidecar.config import ByteSize, Duration
+from sidecar.errors import SidecarError, StreamInterrupted
+from sidecar.exchange import Exchange, Reply, StreamFormat
+
+# Routes whose answers may be cached; embeddings are deterministic by nature.
+CACHEABLE_ROUTES = (
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/responses",
+    "/v1/messages",
+    "/api/chat",
+    "/api/generate",
+    "/api/embed",
+    "/api/embeddings",
+)
+DEFAULT_ROUTES = (
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/api/chat",
+    "/api/generate",
+    "/api/embed",
+    "/api/embeddings",
+)
+EMBEDDING_ROUTES = frozenset({"/v1/embeddings", "/api/embed", "/api/embeddings"})
+# Request fields that do not change the answer.
+IGNORED_FIELDS = frozenset({"user", "stream", "stream_options"})
+HEADER = "x-sidecar-cache"
+CacheResult = Literal["hit", "miss", "bypass", "coalesced"]
+
+
+def _log() -> Any:
+    return structlog.get_logger("sidecar.cache")
+
+
+class CacheConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ttl: Duration = Field(
+        600.0, gt=0, le=30 * 24 * 3600, description="How long an answer is kept (e.g. 10m)."
+    )
+    scope: Literal["tenant", "global"] = Field(
+        "tenant", description="tenant: each tenant has its own entries; global: all share them."
+    )
+    cache_nondeterministic: bool = Field(
+        False,
+        description="Also cache generations without temperature 0 or a seed (replays one sample).",
+    )
+    max_entry_bytes: ByteSize = Field(
+        1024 * 1024,
+        ge=1,
+        le=256 * 1024 * 1024,
+        description="Largest answer that is stored; bigger ones are relayed but not kept.",
+    )
+    max_bytes: ByteSize = Field(
+        256 * 1024 * 1024,
+        ge=1,
+        le=64 * 1024**3,
+        description="Memory backend: total size of all entries; the oldest are evicted beyond it.",
+    )
+    single_flight: bool = Field(
+        True, description="Identical requests in flight wait for (or join the stream of) the first."
+    )
+    complete_on_disconnect: bool = Field(
+        False,
+        description="When every client of an upstream call has gone, let it finish and store it.",
+    )
+    routes: tuple[str, ...] = Field(
+        DEFAULT_ROUTES, min_length=1, description="Routes whose answers may be cached."
+    )
+
+    @field_validator("routes")
+    @classmethod
+    def _known_routes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = sorted(set(value) - set(CACHEABLE_ROUTES))
+        if unknown:
+            raise ValueError(
+                f"route(s) {', '.join(unknown)} cannot be cached; "
+                f"cacheable routes are: {', '.join(CACHEABLE_ROUTES)}"
+            )
+        return value
+
+
+# ---------------------------------------------------------------------------
+# Entries: a small binary frame, so Redis keeps bytes as bytes (no pickle).
+# orjson never writes a raw newline, so the header ends at the first b"\n".
+
+
+class Entry:
+    """One stored answer: status, headers, and its body or its stream's events."""
+
+    __slots__ = ("body", "events", "headers", "status", "stream_format", "usage")
+
+    def __init__(
+        self,
+        status: int,
+        headers: list[tuple[str, str]],
+        body: bytes,
+        events: list[bytes] | None,
+        stream_format: StreamFormat | None,
+        usage: dict[str, Any] | None,
+    ) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+        self.events = events
+        self.stream_format = stream_format
+        self.usage = usage
+
+    def dumps(self) -> bytes:
+        parts = self.events if self.events is not None else [self.body]
+        head = orjson.dumps(
+            {
+                "s": self.status,
+                "h": self.headers,
+                "f": self.stream_format,
+                "u": self.usage,
+                "n": [len(part) for part in parts],
+                "e": self.events is not None,
+            }
+        )
+        return b"".join([head, b"\n", *parts])
+
+    @classmethod
+    def loads(cls, data: bytes) -> Entry:
+        head, _, rest = data.partition(b"\n")
+        meta = orjson.loads(head)
+        parts: list[bytes] = []
+        at = 0
+        for size in meta["n"]:
+            parts.append(rest[at : at + size])
+            at += size
+        if at != len(rest):
+            raise ValueError("cache entry is truncated")
+        events = parts if meta["e"] else None
+        body = b"" if events is not None else (parts[0] if parts else b"")
+        headers = [(str(k), str(v)) for k, v in meta["h"]]
+        return cls(meta["s"], headers, body, events, meta["f"], meta["u"])
+
+
+def split_events(data: bytes, stream_format: StreamFormat | None) -> list[bytes]:
+    """The stream's bytes cut after each event (SSE: blank line; NDJSON: newline)."""
+    separator = b"\n" if stream_format == "ndjson" else b"\n\n"
+    events: list[bytes] = []
+    start = 0
+    while True:
+        end = data.find(separator, start)
+        if end < 0:
+            break
+        end += len(separator)
+        events.append(data[start:end])
+        start = end
+    if start < len(data):
+        events.append(data[start:])
+    return events
+
+
+# ---------------------------------------------------------------------------
+# Replay and fan-out: stream wrappers are classes (see sidecar.replies).
+
+
+class ReplayChunks(AsyncGenerator[bytes, None]):
+    """Yields a stored stream's events, one per chunk."""
+
+    __slots__ = ("_events", "_index")
+
+    def __init__(self, events: list[bytes]) -> None:
+        self._events = events
+        self._index = 0
+
+    async def asend(self, value: None) -> bytes:
+        if self._index >= len(self._events):
+            raise StopAsyncIteration
+        event = self._events[self._index]
+        self._index += 1
+        return event
+
+    async def athrow(self, typ: Any, val: Any = None, tb: TracebackType | None = None) -> bytes:
+        self._index = len(self._events)
+        if val is None:
+            raise typ
+        raise val
+
+    async def aclose(self) -> None:
+        self._index = len(self._events)
+
+
+class _Flight:
+    """One upstream call shared by every identical request that arrived while it ran."""
+
+    __slots__ = (
+        "changed",
+        "chunks",
+        "done",
+        "error",
+        "key",
+        "leader",
+        "ready",
+        "refs",
+        "reply",
+        "store",
+        "task",
+        "usage",
+    )
+
+    def __init__(self, key: str, leader: Exchange, store: bool) -> None:
+        self.key = key
+        self.leader = leader
+        self.store = store
+        self.ready = asyncio.Event()  # the reply (or the error) is known
+        self.changed = asyncio.Condition()
+        self.reply: Reply | None = None
+        self.error: BaseException | None = None
+        self.chunks: list[bytes] = []
+        self.done = False  # the stream ended (error holds how, None: complete)
+        self.refs = 0
+        self.task: asyncio.Task[None] | None = None
+        self.usage: dict[str, Any] | None = None
+
+
+class FanOutChunks(AsyncGenerator[bytes, None]):
+    """One client's view of a shared stream: every chunk from the first, as it arrives.
+
+    Closing it releases the client's hold on the upstream call; the last client
+    to leave a call that has not ended cancels it (see ResponseCache._release).
+    """
+
+    __slots__ = ("_closed", "_flight", "_index", "_owner")
+
+    def __init__(self, owner: ResponseCache, flight: _Flight) -> None:
+        self._owner = owner
+        self._flight = flight
+        self._index = 0
+        self._closed = False
+
+    async def asend(self, value: None) -> bytes:
+        if self._closed:
+            raise StopAsyncIteration
+        flight = self._flight
+        try:
+            if self._index >= len(flight.chunks) and not flight.done:
+                async with flight.changed:
+                    await flight.changed.wait_for(
+                        lambda: self._index < len(flight.chunks) or flight.done
+                    )
+        except BaseException:
+            await self.aclose()
+            raise
+        if self._index < len(flight.chunks):
+            chunk = flight.chunks[self._index]
+            self._index += 1
+            return chunk
+        await self.aclose()
+        error = flight.error
+        if error is None:
+            raise StopAsyncIteration
+        if isinstance(error, Exception):
+            raise error
+        raise StreamInterrupted("the upstream call was cancelled", code="upstream_cancelled")
+
+    async def athrow(self, typ: Any, val: Any = None, tb: TracebackType | None = None) -> bytes:
+        await self.aclose()
+        if val is None:
+            raise typ
+        raise val
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            await self._owner._release(self._flight)
+
+
+# ---------------------------------------------------------------------------
+
+
+@register("cache")
+class ResponseCache:
+    """Answers repeated deterministic requests from storage and merges identical ones in flight."""
+
+    config_model: ClassVar[type[BaseModel]] = CacheConfig
+
+    def __init__(self, config: CacheConfig, context: PolicyContext) -> None:
+        self.config = config
+        self._routes = frozenset(config.routes)
+        self._ttl = config.ttl
+        stores = context.settings.stores
+        self._timeout = stores.timeout
+        self._namespace = f"{stores.prefix}cache"
+        self._redis = stores.redis_url is not None
+        self._backend: BaseCache = _open_backend(stores.redis_url, self._timeout, self._namespace)
+        # Memory backend: key -> (size, model tag, stored at), oldest first.
+        self._index: OrderedDict[str, tuple[int, str, float]] = OrderedDict()
+        self._bytes = 0
+        self._flights: dict[str, _Flight] = {}
+        self._clock = time.monotonic
+        metrics = context.metrics
+        self._hits = metrics.counter(
+            "cache_hits_total", "Requests answered from the cache, by route.", ("route",)
+        )
+        self._misses = metrics.counter(
+            "cache_misses_total", "Cacheable requests that went upstream, by route.", ("route",)
+        )
+        self._coalesced = metrics.counter(
+            "cache_coalesced_total",
+            "Requests that joined an identical request in flight, by route.",
+            ("route",),
+        )
+        self._bypassed = metrics.counter(
+            "cache_bypass_total",
+            "Requests the cache did not look up (no-store, no-cache, non-deterministic), by route.",
+            ("route",),
+        )
+        self._evictions = metrics.counter(
+            "cache_evictions_total", "Entries evicted to stay under max_bytes (memory).", ()
+        )
+        self._store_errors = metrics.counter(
+            "cache_store_errors_total",
+            "Cache storage operations that failed or timed out (treated as a miss).",
+            ("operation",),
+        )
+        self._bytes_gauge = metrics.gauge(
+            "cache_bytes", "Bytes held by the memory cache's entries.", ()
+        )
+
+    async def close(self) -> None:
+        for flight in list(self._flights.values()):
+            if flight.task is not None:
+                flight.task.cancel()
+        with contextlib.suppress(Exception):
+            client = getattr(self._backend, "client", None)
+            if client is not None:
+                await client.aclose()  # redis-py 5+: aiocache's close() is deprecated
+            else:
+                await self._backend.close()
+
+    def readiness(self) -> dict[str, Any]:
+        return {
+            "backend": "redis" if self._redis else "memory",
+            "entries": len(self._index) if not self._redis else None,
+            "bytes": self._bytes if not self._redis else None,
+            "in_flight": len(self._flights),
+        }
+
+    # -- the chain step ------------------------------------------------------
+
+    async def __call__(self, exchange: Exchange, call_next: Next) -> Reply:
+        route = exchange.route.name
+        if exchange.method != "POST" or route not in self._routes:
+            return await call_next(exchange)
+        document = exchange.json
+        if not isinstance(document, dict):
+            return await call_next(exchange)
+        control = _cache_control(exchange.headers.get("Cache-Control"))
+        if "no-store" in control or not (
+            self.config.cache_nondeterministic or _deterministic(route, document)
+        ):
+            return await self._bypass(exchange, call_next)
+        key = self._key(exchange, document)
+        fresh = "no-cache" in control
+        while True:
+            if not fresh:
+                entry = await self._get(key)
+                if entry is not None:
+                    return self._answer(exchange, entry)
+                flight = self._flights.get(key) if self.config.single_flight else None
+                if flight is not None:
+                    self._coalesced.labels(route).inc()
+                    reply = await self._follow(exchange, flight, "coalesced")
+                    if reply is not None:
+                        return reply
+                    continue  # the call was abandoned by all before answering: go again
+            self._misses.labels(route).inc()
+            flight = _Flight(key, exchange, store=True)
+            if self.config.single_flight and key not in self._flights:
+                self._flights[key] = flight
+            flight.task = asyncio.create_task(self._run(flight, call_next))
+            reply = await self._follow(exchange, flight, "miss")
+            if reply is None:  # _follow raises for a leader; kept for the type checker
+                raise SidecarError(
+                    502, "the upstream call was cancelled", code="upstream_disconnected"
+                )
+            return reply
+
+    async def _bypass(self, exchange: Exchange, call_next: Next) -> Reply:
+        self._bypassed.labels(exchange.route.name).inc()
+        self._mark(exchange, "bypass")
+        return await call_next(exchange)
+
+    def _mark(self, exchange: Exchange, result: CacheResult) -> None:
+        exchange.facts["cache"] = result
+        exchange.response_headers[HEADER] = result
+
+    def _key(self, exchange: Exchange, document: dict[str, Any]) -> str:
+        route = exchange.route.name
+        body = {k: v for k, v in document.items() if k not in IGNORED_FIELDS}
+        model = exchange.model or ""
+        body["model"] = model
+        body.pop("name", None)
+        if route.startswith("/v1/") and route not in EMBEDDING_ROUTES:
+            for name in ("temperature", "top_p"):
+                body[name] = _number(body.get(name), 1.0)
+        options = body.get("options")
+        if isinstance(options, dict):
+            body["options"] = {
+                k: _number(v, None) if k in ("temperature", "top_p") else v
+                for k, v in options.items()
+            }
+        stream = exchange.wants_stream
+        include_usage = False
+        options = document.get("stream_options")
+        if stream and isinstance(options, dict):
+            include_usage = options.get("include_usage") is True
+        scope = (
+            str(exchange.facts.get("tenant", "anonymous")) if self.config.scope == "tenant" else ""
+        )
+        material = orjson.dumps(
+            [route, model, scope, stream, include_usage, body],
+            option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS,
+        )
+        digest = hashlib.sha256(material).hexdigest()
+        return f"{_model_tag(model)}:{digest}"
+
+    # -- answering -----------------------------------------------------------
+
+    def _answer(self, exchange: Exchange, entry: Entry) -> Reply:
+        self._hits.labels(exchange.route.name).inc()
+        self._mark(exchange, "hit")
+        if entry.usage is not None:
+            exchange.facts["cached_usage"] = entry.usage
+        headers: CIMultiDict[str] = CIMultiDict(entry.headers)
+        if entry.events is not None:
+            return Reply(
+                entry.status,
+                headers,
+                chunks=ReplayChunks(entry.events),
+                stream_format=entry.stream_format,
+            )
+        return Reply(entry.status, headers, body=entry.body)
+
+    async def _follow(
+        self, exchange: Exchange, flight: _Flight, result: CacheResult
+    ) -> Reply | None:
+        """Wait for `flight`'s answer; None when it was abandoned before it answered."""
+        flight.refs += 1
+        try:
+            await flight.ready.wait()
+        except BaseException:
+            await self._release(flight)
+            raise
+        reply = flight.reply
+        if reply is None:
+            await self._release(flight)
+            error = flight.error
+            if isinstance(error, asyncio.CancelledError) or error is None:
+                if result == "miss":
+                    raise SidecarError(
+                        502, "the upstream call was cancelled", code="upstream_disconnected"
+                    )
+                return None
+            raise error
+        self._mark(exchange, result)
+        if result == "coalesced" and flight.usage is not None:
+            exchange.facts["cached_usage"] = flight.usage
+        headers: CIMultiDict[str] = CIMultiDict(reply.headers)
+        if reply.chunks is None:
+            await self._release(flight)
+            return Reply(reply.status, headers, body=reply.body)
+        return Reply(
+            reply.status,
+            headers,
+            chunks=FanOutChunks(self, flight),
+            stream_format=reply.stream_format,
+        )
+
+    async def _release(self, flight: _Flight) -> None:
+        flight.refs -= 1
+        if flight.refs > 0 or flight.done or self.config.complete_on_disconnect:
+            return
+        # Every client has gone before the call ended: stop it (closes the upstream).
+        if self._flights.get(flight.key) is flight:
+            del self._flights[flight.key]
+        task = flight.task
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait({task})
+
+    # -- the upstream call, shared -------------------------------------------
+
+    async def _run(self, flight: _Flight, call_next: Next) -> None:
+        exchange = flight.leader
+        try:
+            try:
+                reply = await call_next(exchange)
+            except BaseException as error:
+                flight.error = error
+                flight.done = True
+                flight.ready.set()
+                if not isinstance(error, Exception):
+                    raise
+                return
+            flight.reply = reply
+            if reply.chunks is None:
+                flight.done = True
+                flight.usage = exchange.facts.get("usage") or _plain_usage(reply.body)
+                flight.ready.set()
+                if reply.status == 200 and flight.store:
+                    await self._set(
+                        flight.key,
+                        Entry(
+                            reply.status,
+                            list(reply.headers.items()),
+                            reply.body,
+                            None,
+                            None,
+                            flight.usage,
+                        ),
+                    )
+                return
+            flight.ready.set()
+            await self._pump(flight, reply)
+        finally:
+            if self._flights.get(flight.key) is flight:
+                del self._flights[flight.key]
+
+    async def _pump(self, flight: _Flight, reply: Reply) -> None:
+        chunks = reply.chunks
+        assert chunks is not None
+        size = 0
+        try:
+            async for chunk in chunks:
+                flight.chunks.append(chunk)
+                size += len(chunk)
+                async with flight.changed:
+                    flight.changed.notify_all()
+        except BaseException as error:
+            flight.error = error
+            flight.done = True
+            async with flight.changed:
+                flight.changed.notify_all()
+            if not isinstance(error, Exception):
+                raise
+            return
+        finally:
+            await chunks.aclose()
+        flight.done = True
+        flight.usage = flight.leader.facts.get("usage")
+        async with flight.changed:
+            flight.changed.notify_all()
+        if reply.status == 200 and flight.store and size <= self.config.max_entry_bytes:
+            data = b"".join(flight.chunks)
+            entry = Entry(
+                reply.status,
+                list(reply.headers.items()),
+                b"",
+                split_events(data, reply.stream_format),
+                reply.stream_format,
+                flight.usage,
+            )
+            await self._set(flight.key, entry)
+
+    # -- storage -------------------------------------------------------------
+
+    async def _get(self, key: str) -> Entry | None:
+        if not self._redis and key not in self._index:
+            return None
+        try:
+            async with asyncio.timeout(self._timeout):
+                data = await self._backend.get(key)
+            if data is None:
+                if not self._redis:
+                    self._forget(key)  # expired
+                return None
+            return Entry.loads(data)
+        except Exception as exc:
+            self._store_errors.labels("get").inc()
+            _log().warning("cache_store_failed", operation="get", error=repr(exc))
+            return None
+
+    async def _set(self, key: str, entry: Entry) -> None:
+        data = entry.dumps()
+        if len(data) > self.config.max_entry_bytes:
+            return
+        if not self._redis:
+            self._make_room(key, len(data))
+        try:
+            async with asyncio.timeout(self._timeout):
+                await self._backend.set(key, data, ttl=self._ttl)
+        except Exception as exc:
+            self._store_errors.labels("set").inc()
+            _log().warning("cache_store_failed", operation="set", error=repr(exc))
+            if not self._redis:
+                self._forget(key)
+            return
+        if not self._redis:
+            self._index[key] = (len(data), key.partition(":")[0], self._clock())
+            self._bytes += len(data)
+            self._bytes_gauge.set(self._bytes)
+
+    def _make_room(self, key: str, size: int) -> None:
+        """Memory: drop `key`'s old entry, expired entries, then the oldest until `size` fits."""
+        self._forget(key)
+        expired_before = self._clock() - self._ttl
+        while self._index:
+            oldest, (_, _, stored_at) = next(iter(self._index.items()))
+            if stored_at > expired_before and self._bytes + size <= self.config.max_bytes:
+                break
+            if stored_at > expired_before:
+                self._evictions.inc()
+            self._forget(oldest)
+            self._backend_delete_nowait(oldest)
+
+    def _forget(self, key: str) -> None:
+        known = self._index.pop(key, None)
+        if known is not None:
+            self._bytes -= known[0]
+            self._bytes_gauge.set(self._bytes)
+
+    def _backend_delete_nowait(self, key: str) -> None:
+        # SimpleMemoryCache's delete never awaits anything: call its dict directly.
+        raw = getattr(self._backend, "_cache", None)
+        if isinstance(raw, dict):
+            raw.pop(key, None)
+            handlers = getattr(self._backend, "_handlers", None)
+            if isinstance(handlers, dict):
+                handle = handlers.pop(key, None)
+                if handle is not None:
+                    handle.cancel()
+
+    async def purge(self, model: str | None) -> int:
+        """Drop every entry (or those of one model); the number of entries dropped."""
+        tag = _model_tag(model) if model is not None else None
+        if not self._redis:
+            doomed = [k for k, v in self._index.items() if tag is None or v[1] == tag]
+            for key in doomed:
+                self._forget(key)
+                self._backend_delete_nowait(key)
+            return len(doomed)
+        pattern = f"{self._namespace}:{tag or ''}*"
+        client = self._backend.client
+        deleted = 0
+        async with asyncio.timeout(max(self._timeout, 10.0)):
+            batch: list[bytes] = []
+            async for key in client.scan_iter(match=pattern, count=500):
+                batch.append(key)
+                if len(batch) >= 500:
+                    deleted += int(await client.delete(*batch))
+                    batch = []
+            if batch:
+                deleted += int(await client.delete(*batch))
+        return deleted
+
+
+def _open_backend(redis_url: str | None, timeout: float, namespace: str) -> BaseCache:
+    as_bytes = NullSerializer(encoding=None)  # bytes in, bytes out
+    if redis_url is None:
+        return AioCache(AioCache.MEMORY, serializer=as_bytes, timeout=timeout)
+    parts = urlsplit(redis_url)
+    if parts.scheme == "unix":
+        raise ValueError("the cache policy needs a redis:// or rediss:// URL, not unix://")
+    db = parts.path.strip("/") or "0"
+    return AioCache(
+        AioCache.REDIS,
+        endpoint=parts.hostname or "127.0.0.1",
+        port=parts.port or 6379,
+        db=int(db),
+        password=unquote(parts.password) if parts.password else None,
+        ssl=parts.scheme == "rediss",
+        serializer=as_bytes,
+        namespace=namespace,
+        timeout=timeout,
+        create_connection_timeout=timeout,
+    )
+
+
+def _model_tag(model: str) -> str:
+    """A short glob-safe tag for a model, so purge(model) finds its keys by prefix."""
+    name = model.removesuffix(":latest")
+    return hashlib.sha256(name.encode()).hexdigest()[:16]
+
+
+def _number(value: Any, default: float | None) -> Any:
+    """0 and 0.0 (and a missing value and its default) are the same sampling setting."""
+    if value is None:
+        return default
+    if isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def _cache_control(value: str | None) -> frozenset[str]:
+    if not value:
+        return frozenset()
+    return frozenset(part.strip().lower() for part in value.split(",") if part.strip())
+
+
+def _deterministic(route: str, document: dict[str, Any]) -> bool:
+    if route in EMBEDDING_ROUTES:
+        return True
+    where: Any = document if route.startswith("/v1/") else document.get("options")
+    if not isinstance(where, dict):
+        return False
+    if where.get("seed") is not None:
+        return True
+    temperature = where.get("temperature")
+    return (
+        isinstance(temperature, int | float)
+        and not isinstance(temperature, bool)
+        and temperature == 0
+    )
+
+
+def _plain_usage(body: bytes) -> dict[str, Any] | None:
+    """The usage a plain answer carries (OpenAI's `usage` or Ollama's counts), if any."""
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(document, dict):
+        return None
+    usage = document.get("usage")
+    if isinstance(usage, dict):
+        return usage
+    if "prompt_eval_count" in document:
+        prompt = int(document.get("prompt_eval_count") or 0)
+        completion = int(document.get("eval_count") or 0)
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        }
+    return None
