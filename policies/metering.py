@@ -499,6 +499,7 @@ class Metering:
             "Cost of the tokens used, from metering.prices (per 1M tokens).",
             ("tenant", "model"),
         )
+        self._children: dict[tuple[str, str], tuple[Any, ...]] = {}
 
     async def start(self) -> None:
         # Load the vocabulary now, off the event loop, not on the first cut stream.
@@ -646,13 +647,28 @@ class Metering:
         self.record(record)
         return record
 
+    def _children_of(self, tenant: str, model: str) -> tuple[Any, ...]:
+        """The labelled metric children of one tenant and model, looked up once."""
+        children = (
+            self._tokens.labels(tenant, model, "prompt"),
+            self._tokens.labels(tenant, model, "completion"),
+            self._requests.labels(tenant, model, "upstream"),
+            self._requests.labels(tenant, model, "estimated"),
+            self._cost.labels(tenant, model),
+        )
+        self._children[(tenant, model)] = children
+        return children
+
     def record(self, record: UsageRecord) -> None:
         """Count one metered request: metrics, this process's totals, and the store if any."""
-        tenant, model = record.tenant, record.model
-        self._tokens.labels(tenant, model, "prompt").inc(record.prompt_tokens)
-        self._tokens.labels(tenant, model, "completion").inc(record.completion_tokens)
-        self._requests.labels(tenant, model, "estimated" if record.estimated else "upstream").inc()
+        children = self._children.get((record.tenant, record.model))
+        if children is None:
+            children = self._children_of(record.tenant, record.model)
+        prompt, completion, from_upstream, estimated, cost = children
+        prompt.inc(record.prompt_tokens)
+        completion.inc(record.completion_tokens)
+        (estimated if record.estimated else from_upstream).inc()
         if record.cost:
-            self._cost.labels(tenant, model).inc(record.cost)
+            cost.inc(record.cost)
         self.memory.record(record)
         self.store.record(record)

@@ -56,50 +56,85 @@ def usage_key(period: str, tenant: str, model: str) -> str:
 
 
 class UsageLedger:
-    """Adds each record to the store without holding up the request it belongs to.
+    """Adds records up in memory and writes the sums to the store every `interval`.
 
-    The write runs as a task of its own; a store outage is logged and counted,
-    and never fails or slows the request.
+    One store write per tenant and model per interval, not one per request:
+    under load that is a fraction of the round trips to Redis and no task per
+    request. The writes never hold up a request; a store outage is logged and
+    counted, and those sums are lost rather than retried forever. A crash loses
+    at most the last `interval` of usage.
     """
 
     def __init__(
-        self, store: Store, metrics: Metrics, clock: Callable[[], float] = time.time
+        self,
+        store: Store,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.time,
+        interval: float = 0.1,
     ) -> None:
         self._store = store
         self._clock = clock
-        self._pending: set[asyncio.Task[None]] = set()
+        self._interval = interval
+        self._pending: dict[str, dict[str, float]] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._writing: set[asyncio.Task[None]] = set()
+        self._period_minute = -1
+        self._period = ""
         self._errors = metrics.counter(
-            "ledger_write_errors_total", "Usage records the shared store could not take.", ()
+            "ledger_write_errors_total", "Usage sums the shared store could not take.", ()
         )
 
     def record(self, record: UsageRecord) -> None:
-        fields = {
-            "requests": 1.0,
-            "prompt_tokens": float(record.prompt_tokens),
-            "completion_tokens": float(record.completion_tokens),
-            "total_tokens": float(record.total_tokens),
-            "cost": record.cost,
-            "estimated": 1.0 if record.estimated else 0.0,
-        }
-        key = usage_key(period_of(self._clock()), record.tenant, record.model)
-        try:
-            task = asyncio.get_running_loop().create_task(self._write(key, fields))
-        except RuntimeError:
-            return  # no loop: nothing in this process can be waiting for it
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        key = usage_key(self._current_period(), record.tenant, record.model)
+        sums = self._pending.get(key)
+        if sums is None:
+            sums = self._pending[key] = dict.fromkeys(FIELDS, 0.0)
+        sums["requests"] += 1.0
+        sums["prompt_tokens"] += record.prompt_tokens
+        sums["completion_tokens"] += record.completion_tokens
+        sums["total_tokens"] += record.total_tokens
+        sums["cost"] += record.cost
+        if record.estimated:
+            sums["estimated"] += 1.0
+        if self._timer is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return  # no loop: flush() writes it
+            self._timer = loop.call_later(self._interval, self._write_soon)
 
-    async def _write(self, key: str, fields: dict[str, float]) -> None:
-        try:
-            await self._store.add(key, fields, ttl_s=RETENTION_S)
-        except StoreUnavailable as error:
-            self._errors.inc()
-            log.warning("usage_not_recorded", key=key, error=str(error))
+    def _current_period(self) -> str:
+        now = self._clock()
+        minute = int(now // 60)
+        if minute != self._period_minute:
+            self._period_minute = minute
+            self._period = period_of(now)
+        return self._period
+
+    def _write_soon(self) -> None:
+        self._timer = None
+        task = asyncio.get_running_loop().create_task(self._write_pending())
+        self._writing.add(task)
+        task.add_done_callback(self._writing.discard)
+
+    async def _write_pending(self) -> None:
+        batch, self._pending = self._pending, {}
+        for key, sums in batch.items():
+            try:
+                await self._store.add(key, sums, ttl_s=RETENTION_S)
+            except StoreUnavailable as error:
+                self._errors.inc()
+                log.warning("usage_not_recorded", key=key, error=str(error))
 
     async def flush(self) -> None:
-        """Wait for the writes still under way (shutdown, tests)."""
+        """Write what is pending now and wait for writes under way (shutdown, tests)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._pending:
-            await asyncio.gather(*list(self._pending), return_exceptions=True)
+            await self._write_pending()
+        if self._writing:
+            await asyncio.gather(*list(self._writing), return_exceptions=True)
 
 
 async def usage_report(
