@@ -50,16 +50,16 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncGenerator
 from types import TracebackType
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from urllib.parse import unquote, urlsplit
 
 import orjson
 import structlog
-from aiocache import Cache as AioCache
-from aiocache.base import BaseCache
-from aiocache.serializers import NullSerializer
 from multidict import CIMultiDict
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+if TYPE_CHECKING:
+    from aiocache.base import BaseCache
 
 from sidecar.chain import Next, PolicyContext, register
 from sidecar.config import ByteSize, Duration
@@ -716,6 +716,11 @@ class ResponseCache:
 
 
 def _open_backend(redis_url: str | None, timeout: float, namespace: str) -> BaseCache:
+    # Imported here: aiocache loads redis-py, which loads OpenTelemetry whenever it is
+    # installed; a sidecar without the cache policy should pay for none of them.
+    from aiocache import Cache as AioCache
+    from aiocache.serializers import NullSerializer
+
     as_bytes = NullSerializer(encoding=None)  # bytes in, bytes out
     if redis_url is None:
         return AioCache(AioCache.MEMORY, serializer=as_bytes, timeout=timeout)
