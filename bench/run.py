@@ -124,6 +124,15 @@ def build_scenarios(chunks: int, pace_ms: float) -> dict[str, Scenario]:
                 min_latency_ms=pace_ms * chunks * 0.9,
             ),
             Scenario("embed_c10", "embeddings, 10 connections", "json", "/v1/embeddings", 10, 0.5),
+            Scenario(
+                "chat_nocache_c10",
+                "non-stream chat with Cache-Control: no-cache, 10 connections (a cache miss that stores)",
+                "json",
+                chat,
+                10,
+                1.0,
+                headers=("Cache-Control: no-cache",),
+            ),
         )
     }
 

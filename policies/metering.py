@@ -38,7 +38,6 @@ its span sees `facts["usage"]` at the stream's end.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, replace
 from types import TracebackType
@@ -502,8 +501,9 @@ class Metering:
         self._children: dict[tuple[str, str], tuple[Any, ...]] = {}
 
     async def start(self) -> None:
-        # Load the vocabulary now, off the event loop, not on the first cut stream.
-        await asyncio.to_thread(self.counter.load)
+        # The vocabulary is loaded only when an estimate is first needed (see
+        # TokenCounter): most sidecars never estimate and should not carry it.
+        return None
 
     async def close(self) -> None:
         # Records still on their way to the shared store are written before the end.

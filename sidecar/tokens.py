@@ -33,19 +33,33 @@ class _Counts(Protocol):
 
 
 class TokenCounter:
-    """Counts tokens of text with one encoding, loaded once on first use (or by `load`)."""
+    """Counts tokens of text with one encoding.
+
+    The vocabulary (and numpy with it) costs some 50 MB of memory, and counts
+    are needed only when the upstream gave none (a stream cut short, a client
+    gone), so it is loaded in a thread the first time a count is asked for;
+    until then counts are UTF-8 bytes / 4, and say so in `method`.
+    """
 
     def __init__(self, encoding: Encoding = "llama3") -> None:
         self.encoding = encoding
         self._tokenizer: _Counts | None = None
         self._loaded = False
+        self._loading = False
         self._lock = threading.Lock()
 
     @property
     def method(self) -> str:
-        """How counts are made: `quicktok:<encoding>` or `bytes/4`."""
-        self.load()
+        """How the last counts were made: `quicktok:<encoding>` or `bytes/4`."""
         return f"quicktok:{self.encoding}" if self._tokenizer is not None else "bytes/4"
+
+    def load_in_background(self) -> None:
+        """Start loading the vocabulary in a thread of its own, once."""
+        with self._lock:
+            if self._loaded or self._loading:
+                return
+            self._loading = True
+        threading.Thread(target=self.load, name="tokenizer-load", daemon=True).start()
 
     def load(self) -> None:
         """Load the vocabulary (a fraction of a second); safe to call from a thread."""
@@ -59,7 +73,8 @@ class TokenCounter:
     def count(self, text: str) -> int:
         if not text:
             return 0
-        self.load()
+        if not self._loaded:
+            self.load_in_background()
         if self._tokenizer is not None:
             return int(self._tokenizer.count(text))
         return (len(text.encode("utf-8", "replace")) + 3) // 4
