@@ -268,6 +268,12 @@ class Budget:
             "Requests refused because the tenant's budget for the period is spent.",
             ("tenant",),
         )
+        self._used = metrics.gauge(
+            "budget_used_ratio",
+            "Share of the tenant's period budget spent, as last seen at admission (the larger "
+            "of tokens and cost).",
+            ("tenant",),
+        )
         self._store_errors = metrics.counter(
             "budget_store_errors_total",
             "Budget store operations that failed (store unreachable or timed out).",
@@ -373,9 +379,12 @@ class Budget:
     ) -> SidecarError | None:
         """Take the reservation; a refusal to raise when it does not fit, else None."""
         store = self.store
+        used = 0.0
         if token_limit is not None:
             result = await store.reserve(held.key, held.tokens, token_limit, held.ttl_s, "tokens")
+            used = _share(result.spent, token_limit)
             if not result.allowed:
+                self._used.labels(self._labels(tenant)).set(max(used, 1.0))
                 return self._refusal(
                     tenant, "tokens", token_limit, result.spent, held.tokens, period
                 )
@@ -386,6 +395,7 @@ class Budget:
                 if held.tokens:
                     await self._give_back(held, tokens_only=True)
                 raise
+            used = max(used, _share(result.spent, cost_limit))
             # A zero reservation fits a budget that is exactly spent: spent must stay below.
             spent_out = held.cost == 0 and result.spent >= cost_limit
             if not result.allowed or spent_out:
@@ -393,7 +403,10 @@ class Budget:
                     await store.add(held.key, {"cost": -held.cost})
                 if held.tokens:
                     await self._give_back(held, tokens_only=True)
+                self._used.labels(self._labels(tenant)).set(max(used, 1.0))
                 return self._refusal(tenant, "cost", cost_limit, result.spent, held.cost, period)
+        if token_limit is not None or cost_limit is not None:
+            self._used.labels(self._labels(tenant)).set(used)
         return None
 
     async def _give_back(self, held: _Held, *, tokens_only: bool = False) -> None:
@@ -532,3 +545,8 @@ class Budget:
             "store": "redis" if self.store.shared else "memory",
             "store_errors": self._store_errors_seen,
         }
+
+
+def _share(spent: float, limit: float) -> float:
+    """Spent as a share of the limit; a zero limit is all spent."""
+    return spent / limit if limit > 0 else 1.0

@@ -463,6 +463,9 @@ def test_alerts_cover_what_the_sidecar_can_tell() -> None:
         "OllamaSidecarStreamInterruptions",
         "OllamaSidecarCircuitOpen",
         "OllamaSidecarConfigRejected",
+        "OllamaSidecarRateLimited",
+        "OllamaSidecarBudgetNearlySpent",
+        "OllamaSidecarBudgetSpent",
     }
     for name, rule in rules.items():
         assert rule["labels"]["severity"] in ("warning", "critical"), name
@@ -470,9 +473,8 @@ def test_alerts_cover_what_the_sidecar_can_tell() -> None:
     assert "ollama_sidecar_circuit_state" in rules["OllamaSidecarCircuitOpen"]["expr"]
     assert "ollama_sidecar_upstream_errors_total" in rules["OllamaSidecarUpstreamErrors"]["expr"]
     assert 'status=~"5.."' in rules["OllamaSidecarHighErrorRate"]["expr"]
-    # Not written yet, because their metrics do not exist: named as to-dos.
-    text = RULES_FILE.read_text()
-    assert "TODO(ratelimit)" in text and "TODO(budget)" in text
+    assert "ollama_sidecar_ratelimit_rejections_total" in rules["OllamaSidecarRateLimited"]["expr"]
+    assert "ollama_sidecar_budget_used_ratio" in rules["OllamaSidecarBudgetNearlySpent"]["expr"]
 
 
 def test_dashboard_shows_every_sidecar_metric() -> None:
@@ -555,6 +557,25 @@ async def test_every_metric_used_exists_in_a_running_sidecar(
     samples = await scrape(http, sidecar.url)
     for name, label_sets in (await scrape(http, dead.url)).items():
         samples.setdefault(name, []).extend(label_sets)
+
+    # The governance policies' series appear once they refuse or reserve something.
+    governed = await make_sidecar(
+        policies=[
+            {"ratelimit": {"requests_per_minute": 1, "burst_requests": 1}},
+            {"budget": {"tokens": 100_000}},
+        ]
+    )
+    for _ in range(2):  # the second is over the rate limit
+        async with http.post(
+            governed.url + "/api/chat", json={**chat, "stream": False}
+        ) as response:
+            await response.read()
+    spent = await make_sidecar(policies=[{"budget": {"tokens": 1}}])
+    async with http.post(spent.url + "/api/chat", json={**chat, "stream": False}) as response:
+        assert response.status == 429
+    for extra in (governed, spent):
+        for name, label_sets in (await scrape(http, extra.url)).items():
+            samples.setdefault(name, []).extend(label_sets)
 
     pending = {name: policy for name, policy in METRICS_OF_POLICIES.items() if not usable(policy)}
     if "ollama_sidecar_circuit_state" not in pending:
