@@ -317,3 +317,28 @@ async def test_time_to_first_token_direct_vs_sidecar(
         print(f"  {name:8} ttft ms: " + ", ".join(f"{r.ttft * 1000:.1f}" for r in found))
     # A gross-regression guard only: the sidecar's own work is well under a millisecond.
     assert outside["sidecar"] < outside["direct"] + 0.25
+
+
+async def test_metering_counts_what_llama_server_reports(
+    llama: LlamaServer, direct: openai.AsyncOpenAI
+) -> None:
+    """Metering in front of the real server: its counts are the server's own, streams included,
+    and a client that did not ask for usage still gets none."""
+    sidecar = Sidecar(settings_for(llama.url, [{"metering": {}}]))
+    await sidecar.start()
+    try:
+        async with client_for(sidecar.url) as via_metering:
+            expected = await chat(direct, SHORT, max_tokens=16)
+            await chat(via_metering, SHORT, max_tokens=16)
+            streamed = await stream_chat(via_metering, SHORT, max_tokens=16)
+        assert expected.usage is not None
+        assert all(chunk.usage is None for chunk in streamed.chunks)  # none asked, none given
+        assert sidecar.runtime is not None
+        metering = dict(sidecar.runtime.policies)["metering"]
+        totals = metering.memory.total.as_dict()  # type: ignore[attr-defined]
+        assert totals["requests"] == 2
+        assert totals["estimated_requests"] == 0
+        assert totals["prompt_tokens"] == 2 * expected.usage.prompt_tokens
+        assert totals["completion_tokens"] == 2 * expected.usage.completion_tokens
+    finally:
+        await sidecar.stop(grace=0)
