@@ -65,22 +65,10 @@ from sidecar.config import Duration
 from sidecar.errors import SidecarError, StreamInterrupted
 from sidecar.exchange import Exchange, Reply
 from sidecar.replies import StreamEnd, watch_stream
+from sidecar.routes import GENERATION_ROUTES
 from sidecar.stores import StoreUnavailable
 
-# Routes that run a model, and so spend tokens (metering's list).
-GENERATION_ROUTES = frozenset(
-    {
-        "/v1/chat/completions",
-        "/v1/completions",
-        "/v1/embeddings",
-        "/v1/responses",
-        "/v1/messages",
-        "/api/chat",
-        "/api/generate",
-        "/api/embed",
-        "/api/embeddings",
-    }
-)
+BUDGETED_ROUTES = frozenset(GENERATION_ROUTES)
 EMBEDDING_ROUTES = frozenset({"/v1/embeddings", "/api/embed", "/api/embeddings"})
 # Request fields that cap the completion, in the order they are looked for.
 _MAX_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
@@ -316,7 +304,7 @@ class Budget:
     # --- the request path -------------------------------------------------------------
 
     async def __call__(self, exchange: Exchange, call_next: Next) -> Reply:
-        if exchange.route.name not in GENERATION_ROUTES:
+        if exchange.route.name not in BUDGETED_ROUTES:
             return await call_next(exchange)
         facts = exchange.facts
         tenant = str(facts.get("tenant") or ANONYMOUS)

@@ -37,20 +37,9 @@ from sidecar.errors import SidecarError, StreamInterrupted
 from sidecar.exchange import Exchange, Reply
 from sidecar.observability import LATENCY_BUCKETS
 from sidecar.replies import StreamEnd, watch_stream
-from sidecar.routes import ROUTE_NAMES
+from sidecar.routes import GENERATION_ROUTES, ROUTE_NAMES
 
-# The routes on which Ollama runs a model (its scheduler queues exactly these).
-MODEL_ROUTES = (
-    "/v1/chat/completions",
-    "/v1/completions",
-    "/v1/embeddings",
-    "/v1/responses",
-    "/v1/messages",
-    "/api/chat",
-    "/api/generate",
-    "/api/embed",
-    "/api/embeddings",
-)
+MODEL_ROUTES = GENERATION_ROUTES
 
 # A Retry-After longer than this says nothing useful to a client in a pod.
 MAX_RETRY_AFTER = 3600

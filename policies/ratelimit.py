@@ -50,21 +50,10 @@ from sidecar.chain import Next, PolicyContext, register
 from sidecar.errors import SidecarError
 from sidecar.exchange import Exchange, Reply
 from sidecar.replies import StreamEnd, watch_stream
-from sidecar.routes import ROUTE_NAMES
+from sidecar.routes import GENERATION_ROUTES, ROUTE_NAMES
 from sidecar.stores import StoreUnavailable, TakeResult
 
-# The routes on which Ollama runs a model; only these count by default.
-MODEL_ROUTES = (
-    "/v1/chat/completions",
-    "/v1/completions",
-    "/v1/embeddings",
-    "/v1/responses",
-    "/v1/messages",
-    "/api/chat",
-    "/api/generate",
-    "/api/embed",
-    "/api/embeddings",
-)
+MODEL_ROUTES = GENERATION_ROUTES
 ANONYMOUS = "anonymous"
 # The body fields that cap a completion, in the order they are looked for.
 _CAP_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")

@@ -71,6 +71,20 @@ MODEL_ROUTE = _route("/v1/models/{model}", "GET")
 BLOBS_ROUTE = _route("/api/blobs/{digest}", "HEAD", "POST", management="blobs")
 
 MANAGEMENT_NAMES = ("pull", "push", "create", "copy", "delete", "blobs")
+
+# The routes on which Ollama runs a model: they take its scheduler's slots and
+# spend tokens, so limits, budgets and metering count them and nothing else.
+GENERATION_ROUTES = (
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/responses",
+    "/v1/messages",
+    "/api/chat",
+    "/api/generate",
+    "/api/embed",
+    "/api/embeddings",
+)
 ROUTE_NAMES = (*ROUTES, MODEL_ROUTE.name, BLOBS_ROUTE.name)
 
 
