@@ -9,11 +9,21 @@ fields that do not change the answer left out (`user`, `stream_options`,
 generations only when deterministic (`temperature: 0` or a `seed`; on the native
 routes in `options`) unless `cache_nondeterministic: true`.
 
-Streamed and plain answers are kept apart: the key also carries whether the
-client asked for a stream (and, for a stream, `stream_options.include_usage`,
-which changes the stream's bytes). A stream is recorded as its events and
-replayed as real chunked SSE/NDJSON, event by event, byte for byte what the
-first client got. Errors are never stored, nor is a stream that did not end
+Streamed and plain answers have entries of their own: the key also carries
+whether the client asked for a stream (and, for a stream,
+`stream_options.include_usage`, which changes the stream's bytes). A stream is
+recorded as its events and replayed as real chunked SSE/NDJSON, event by event,
+byte for byte what the first client got: as fast as possible, or `replay_pace`
+apart. On /v1/chat/completions and /api/chat a request without an entry of its
+own form is answered from the other form's (looked up in the same store round
+trip): a plain body assembled from a stream (OpenAI: the deltas' content,
+reasoning and tool calls, the last finish_reason, the usage event or else the
+usage recorded with the entry; native: the closing line with the whole
+message), or a stream split from a plain body (OpenAI: a role chunk, one content
+chunk, a finish chunk, the usage chunk if asked for, [DONE]; native: one line
+with the message, then the closing line). These are equivalent, not
+byte-identical, to what the upstream would send; an entry that cannot be
+converted is a miss. Errors are never stored, nor is a stream that did not end
 with its end marker (the upstream step raises StreamInterrupted for those),
 nor one every client abandoned (unless `complete_on_disconnect`).
 
@@ -23,7 +33,9 @@ join it. A plain answer is handed to all; a stream is appended to a shared
 list of chunks that every client (leader included) reads from the start, as
 chunks arrive. If the call fails before its answer, every waiting client gets
 the same error (the same SidecarError, or the same non-200 answer); a stream
-that breaks mid-way ends with the same StreamInterrupted for all. When every
+that breaks mid-way ends with the same StreamInterrupted for all. A call that
+has answered completely but whose entry is still being written answers an
+identical request as a hit (read your writes, even on a slow Redis). When every
 client has gone the upstream call is cancelled (its connection closed), unless
 `complete_on_disconnect: true`, which lets it finish and be stored.
 
@@ -32,8 +44,13 @@ stores the fresh answer; `no-store` skips both. The answer carries
 `x-sidecar-cache: hit | miss | bypass | coalesced`, and `facts["cache"]` the
 same. A hit or a coalesced answer costs no upstream tokens: it sets
 `facts["cached_usage"]` to the usage the answer represents (from
-`facts["usage"]`, which `metering` placed after `cache` fills in, or from the
-plain body's own `usage`). `purge(model)` serves DELETE /sidecar/cache.
+`facts["usage"]` of the call that filled the entry when a `metering` after
+`cache` put it there, else from the answer itself: a plain body's `usage` or
+Ollama's counts, a stream's usage event or closing NDJSON line, read once when
+the entry is stored). A coalesced stream's usage is not known when it starts,
+so it has none. A hit never reaches the policies after `cache`: to have hits
+metered (as `cached` tokens, see `metering`), place `metering` before `cache`.
+`purge(model)` serves DELETE /sidecar/cache.
 
 Storage is aiocache: `SimpleMemoryCache` with a total size cap (oldest entries
 evicted first), or `RedisCache` at `stores.redis_url` (keys under
@@ -88,6 +105,13 @@ DEFAULT_ROUTES = (
     "/api/embeddings",
 )
 EMBEDDING_ROUTES = frozenset({"/v1/embeddings", "/api/embed", "/api/embeddings"})
+# Routes whose stream entries answer plain requests and vice versa (assembled/split).
+CONVERTIBLE_ROUTES = frozenset({"/v1/chat/completions", "/api/chat"})
+JSON_TYPE = "application/json; charset=utf-8"
+STREAM_TYPES: dict[StreamFormat, str] = {
+    "sse": "text/event-stream",
+    "ndjson": "application/x-ndjson",
+}
 # Request fields that do not change the answer.
 IGNORED_FIELDS = frozenset({"user", "stream", "stream_options"})
 HEADER = "x-sidecar-cache"
@@ -132,6 +156,12 @@ class CacheConfig(BaseModel):
     )
     routes: tuple[str, ...] = Field(
         DEFAULT_ROUTES, min_length=1, description="Routes whose answers may be cached."
+    )
+    replay_pace: Duration | None = Field(
+        None,
+        gt=0,
+        le=10,
+        description="Pause between a replayed stream's events (e.g. 20ms); null: as fast as possible.",
     )
 
     @field_validator("routes")
@@ -225,17 +255,22 @@ def split_events(data: bytes, stream_format: StreamFormat | None) -> list[bytes]
 
 
 class ReplayChunks(AsyncGenerator[bytes, None]):
-    """Yields a stored stream's events, one per chunk."""
+    """Yields a stored stream's events, one per chunk (`pace` seconds apart, if given)."""
 
-    __slots__ = ("_events", "_index")
+    __slots__ = ("_events", "_index", "_pace")
 
-    def __init__(self, events: list[bytes]) -> None:
+    def __init__(self, events: list[bytes], pace: float | None = None) -> None:
         self._events = events
         self._index = 0
+        self._pace = pace
 
     async def asend(self, value: None) -> bytes:
         if self._index >= len(self._events):
             raise StopAsyncIteration
+        if self._pace is not None and self._index:
+            await asyncio.sleep(self._pace)
+            if self._index >= len(self._events):  # closed while pausing
+                raise StopAsyncIteration
         event = self._events[self._index]
         self._index += 1
         return event
@@ -420,11 +455,19 @@ class ResponseCache:
             self.config.cache_nondeterministic or _deterministic(route, document)
         ):
             return await self._bypass(exchange, call_next)
-        key = self._key(exchange, document)
+        stream, include_usage = _stream_mode(exchange, document)
+        key = self._key(exchange, document, stream, include_usage)
         fresh = "no-cache" in control
         while True:
             if not fresh:
-                entry = await self._get(key)
+                flight = self._flights.get(key) if self.config.single_flight else None
+                if flight is not None and _finished(flight):
+                    # Answered, its entry still being written: read your writes.
+                    self._hits.labels(route).inc()
+                    reply = await self._follow(exchange, flight, "hit")
+                    if reply is not None:
+                        return reply
+                entry = await self._lookup(exchange, document, key, stream, include_usage)
                 if entry is not None:
                     return self._answer(exchange, entry)
                 flight = self._flights.get(key) if self.config.single_flight else None
@@ -455,7 +498,9 @@ class ResponseCache:
         exchange.facts["cache"] = result
         exchange.response_headers[HEADER] = result
 
-    def _key(self, exchange: Exchange, document: dict[str, Any]) -> str:
+    def _key(
+        self, exchange: Exchange, document: dict[str, Any], stream: bool, include_usage: bool
+    ) -> str:
         route = exchange.route.name
         body = {k: v for k, v in document.items() if k not in IGNORED_FIELDS}
         model = exchange.model or ""
@@ -470,11 +515,6 @@ class ResponseCache:
                 k: _number(v, None) if k in ("temperature", "top_p") else v
                 for k, v in options.items()
             }
-        stream = exchange.wants_stream
-        include_usage = False
-        options = document.get("stream_options")
-        if stream and isinstance(options, dict):
-            include_usage = options.get("include_usage") is True
         scope = (
             str(exchange.facts.get("tenant", "anonymous")) if self.config.scope == "tenant" else ""
         )
@@ -484,6 +524,38 @@ class ResponseCache:
         )
         digest = hashlib.sha256(material).hexdigest()
         return f"{_model_tag(model)}:{digest}"
+
+    async def _lookup(
+        self,
+        exchange: Exchange,
+        document: dict[str, Any],
+        key: str,
+        stream: bool,
+        include_usage: bool,
+    ) -> Entry | None:
+        """The entry for `key`; on a convertible route, else the other form's, converted."""
+        route = exchange.route.name
+        if route not in CONVERTIBLE_ROUTES:
+            return await self._get(key)
+        if stream:
+            others = [self._key(exchange, document, False, False)]
+        elif route.startswith("/v1/"):
+            # A stream with its usage event first: it assembles a body with the same usage.
+            others = [
+                self._key(exchange, document, True, True),
+                self._key(exchange, document, True, False),
+            ]
+        else:
+            others = [self._key(exchange, document, True, False)]
+        entries = await self._get_many([key, *others])
+        if entries[0] is not None:
+            return entries[0]
+        for other in entries[1:]:
+            if other is not None:
+                converted = convert_entry(route, other, stream, include_usage)
+                if converted is not None:
+                    return converted
+        return None
 
     # -- answering -----------------------------------------------------------
 
@@ -497,7 +569,7 @@ class ResponseCache:
             return Reply(
                 entry.status,
                 headers,
-                chunks=ReplayChunks(entry.events),
+                chunks=ReplayChunks(entry.events, self.config.replay_pace),
                 stream_format=entry.stream_format,
             )
         return Reply(entry.status, headers, body=entry.body)
@@ -524,7 +596,7 @@ class ResponseCache:
                 return None
             raise error
         self._mark(exchange, result)
-        if result == "coalesced" and flight.usage is not None:
+        if result != "miss" and flight.usage is not None:
             exchange.facts["cached_usage"] = flight.usage
         headers: CIMultiDict[str] = CIMultiDict(reply.headers)
         if reply.chunks is None:
@@ -613,11 +685,14 @@ class ResponseCache:
             flight.changed.notify_all()
         if reply.status == 200 and flight.store and size <= self.config.max_entry_bytes:
             data = b"".join(flight.chunks)
+            events = split_events(data, reply.stream_format)
+            if flight.usage is None:
+                flight.usage = _stream_usage(events, reply.stream_format)
             entry = Entry(
                 reply.status,
                 list(reply.headers.items()),
                 b"",
-                split_events(data, reply.stream_format),
+                events,
                 reply.stream_format,
                 flight.usage,
             )
@@ -640,6 +715,19 @@ class ResponseCache:
             self._store_errors.labels("get").inc()
             _log().warning("cache_store_failed", operation="get", error=repr(exc))
             return None
+
+    async def _get_many(self, keys: list[str]) -> list[Entry | None]:
+        """Several entries in one store round trip (Redis MGET); a failure is all misses."""
+        if not self._redis:
+            return [await self._get(key) for key in keys]
+        try:
+            async with asyncio.timeout(self._timeout):
+                values = await self._backend.multi_get(keys)
+            return [Entry.loads(value) if value is not None else None for value in values]
+        except Exception as exc:
+            self._store_errors.labels("get").inc()
+            _log().warning("cache_store_failed", operation="get", error=repr(exc))
+            return [None] * len(keys)
 
     async def _set(self, key: str, entry: Entry) -> None:
         data = entry.dumps()
@@ -715,6 +803,233 @@ class ResponseCache:
         return deleted
 
 
+def _stream_mode(exchange: Exchange, document: dict[str, Any]) -> tuple[bool, bool]:
+    """Whether the client wants a stream, and (for a stream) `stream_options.include_usage`."""
+    stream = exchange.wants_stream
+    options = document.get("stream_options")
+    include_usage = stream and isinstance(options, dict) and options.get("include_usage") is True
+    return stream, include_usage
+
+
+# ---------------------------------------------------------------------------
+# A stream entry answering a plain request, and a plain entry answering a stream.
+
+
+def convert_entry(route: str, entry: Entry, stream: bool, include_usage: bool) -> Entry | None:
+    """`entry` in the other form (stream <-> plain); None when it cannot be converted."""
+    if entry.status != 200 or (entry.events is not None) == stream:
+        return None
+    try:
+        if stream:
+            stream_format: StreamFormat
+            document = orjson.loads(entry.body)
+            if not isinstance(document, dict):
+                return None
+            if route == "/api/chat":
+                events, stream_format = _native_chat_events(document), "ndjson"
+            else:
+                usage = document.get("usage") or _usage_counts(entry.usage)
+                events = _openai_chat_events(document, usage if include_usage else None)
+                stream_format = "sse"
+            headers = _with_type(entry.headers, STREAM_TYPES[stream_format])
+            return Entry(200, headers, b"", events, stream_format, entry.usage)
+        assert entry.events is not None
+        if route == "/api/chat":
+            body = _native_chat_body(entry.events)
+        else:
+            body = _openai_chat_body(entry.events, _usage_counts(entry.usage))
+        usage = entry.usage or _plain_usage(body)
+        return Entry(200, _with_type(entry.headers, JSON_TYPE), body, None, None, usage)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return None
+
+
+def _with_type(headers: list[tuple[str, str]], content_type: str) -> list[tuple[str, str]]:
+    dropped = {"content-type", "content-length", "transfer-encoding"}
+    kept = [(k, v) for k, v in headers if k.lower() not in dropped]
+    return [("Content-Type", content_type), *kept]
+
+
+def _usage_counts(usage: dict[str, Any] | None) -> dict[str, Any] | None:
+    """OpenAI's three usage counts from a recorded usage (metering's facts carry more)."""
+    if not isinstance(usage, dict) or "prompt_tokens" not in usage:
+        return None
+    prompt = int(usage.get("prompt_tokens") or 0)
+    completion = int(usage.get("completion_tokens") or 0)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
+def _sse_payload(event: bytes) -> bytes:
+    return b"\n".join(
+        line[5:].lstrip(b" ") for line in event.split(b"\n") if line.startswith(b"data:")
+    )
+
+
+def _merge_tool_calls(calls: list[dict[str, Any]], more: Any) -> None:
+    """Streamed tool calls: a call with a known `index` continues its arguments."""
+    for call in more or []:
+        if not isinstance(call, dict):
+            raise ValueError("tool call is not an object")
+        index = call.get("index")
+        known = next((c for c in calls if index is not None and c.get("index") == index), None)
+        function = call.get("function")
+        if known is None:
+            copy = dict(call)
+            if isinstance(function, dict):
+                copy["function"] = dict(function)
+            calls.append(copy)
+        elif isinstance(function, dict):
+            into = known.setdefault("function", {})
+            for name, value in function.items():
+                if name == "arguments" and isinstance(value, str):
+                    into["arguments"] = str(into.get("arguments") or "") + value
+                elif value is not None:
+                    into[name] = value
+
+
+def _openai_chat_body(events: list[bytes], recorded: dict[str, Any] | None) -> bytes:
+    """A chat.completion assembled from a complete chat.completion.chunk stream."""
+    first: dict[str, Any] | None = None
+    role = "assistant"
+    content: list[str] = []
+    reasoning: list[str] = []
+    tool_calls: list[dict[str, Any]] = []
+    finish: Any = None
+    usage: Any = None
+    done = False
+    for event in events:
+        payload = _sse_payload(event).strip()
+        if not payload:
+            continue
+        if payload == b"[DONE]":
+            done = True
+            continue
+        chunk = orjson.loads(payload)
+        if not isinstance(chunk, dict) or "error" in chunk:
+            raise ValueError("not a chunk")
+        if first is None:
+            first = chunk
+        if isinstance(chunk.get("usage"), dict) and not chunk.get("choices"):
+            usage = chunk["usage"]
+        for choice in chunk.get("choices") or []:
+            if choice.get("index", 0) != 0:
+                raise ValueError("more than one choice")
+            delta = choice.get("delta") or {}
+            role = delta.get("role") or role
+            if isinstance(delta.get("content"), str):
+                content.append(delta["content"])
+            if isinstance(delta.get("reasoning"), str):
+                reasoning.append(delta["reasoning"])
+            _merge_tool_calls(tool_calls, delta.get("tool_calls"))
+            if choice.get("finish_reason") is not None:
+                finish = choice["finish_reason"]
+    if first is None or not done:
+        raise ValueError("not a complete stream")
+    message: dict[str, Any] = {"role": role, "content": "".join(content)}
+    if reasoning:
+        message["reasoning"] = "".join(reasoning)
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    body: dict[str, Any] = {"id": first.get("id"), "object": "chat.completion"}
+    for name in ("created", "model", "system_fingerprint"):
+        if name in first:
+            body[name] = first[name]
+    body["choices"] = [{"index": 0, "message": message, "finish_reason": finish}]
+    usage = usage if usage is not None else recorded
+    if usage is not None:
+        body["usage"] = usage
+    return orjson.dumps(body)
+
+
+def _openai_chat_events(document: dict[str, Any], usage: Any) -> list[bytes]:
+    """A chat.completion split into a stream: role, content, finish (, usage), [DONE]."""
+    choices = document["choices"]
+    if len(choices) != 1:
+        raise ValueError("more than one choice")
+    choice = choices[0]
+    message = choice["message"]
+    base: dict[str, Any] = {"id": document.get("id"), "object": "chat.completion.chunk"}
+    for name in ("created", "model", "system_fingerprint"):
+        if name in document:
+            base[name] = document[name]
+
+    def event(delta: dict[str, Any] | None, finish: Any, **extra: Any) -> bytes:
+        chunk = dict(base)
+        chunk["choices"] = (
+            [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]
+        )
+        chunk.update(extra)
+        return b"data: " + orjson.dumps(chunk) + b"\n\n"
+
+    delta: dict[str, Any] = {"content": message.get("content") or ""}
+    if message.get("reasoning"):
+        delta["reasoning"] = message["reasoning"]
+    if message.get("tool_calls"):
+        delta["tool_calls"] = [
+            {"index": i, **call} if isinstance(call, dict) and "index" not in call else call
+            for i, call in enumerate(message["tool_calls"])
+        ]
+    events = [
+        event({"role": message.get("role") or "assistant", "content": ""}, None),
+        event(delta, None),
+        event({}, choice.get("finish_reason")),
+    ]
+    if usage is not None:
+        events.append(event(None, None, usage=usage))
+    events.append(b"data: [DONE]\n\n")
+    return events
+
+
+def _native_chat_body(events: list[bytes]) -> bytes:
+    """Ollama's /api/chat answer assembled from its NDJSON stream: the last line, whole text."""
+    lines = [orjson.loads(event) for event in events if event.strip()]
+    final = lines[-1]
+    if not isinstance(final, dict) or final.get("done") is not True:
+        raise ValueError("not a complete stream")
+    content: list[str] = []
+    thinking: list[str] = []
+    tool_calls: list[Any] = []
+    for line in lines:
+        message = line.get("message")
+        if not isinstance(message, dict):
+            continue
+        if isinstance(message.get("content"), str):
+            content.append(message["content"])
+        if isinstance(message.get("thinking"), str):
+            thinking.append(message["thinking"])
+        if isinstance(message.get("tool_calls"), list):
+            tool_calls.extend(message["tool_calls"])
+    message = dict(final.get("message") or {"role": "assistant"})
+    message["content"] = "".join(content)
+    if thinking:
+        message["thinking"] = "".join(thinking)
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    body = dict(final)
+    body["message"] = message
+    return orjson.dumps(body)
+
+
+def _native_chat_events(document: dict[str, Any]) -> list[bytes]:
+    """Ollama's /api/chat answer as a stream: one line with the message, then the final line."""
+    if document.get("done") is not True:
+        raise ValueError("not a final answer")
+    message = document["message"]
+    first = {
+        "model": document.get("model"),
+        "created_at": document.get("created_at"),
+        "message": message,
+        "done": False,
+    }
+    final = dict(document)
+    final["message"] = {"role": message.get("role") or "assistant", "content": ""}
+    return [orjson.dumps(first) + b"\n", orjson.dumps(final) + b"\n"]
+
+
 def _open_backend(redis_url: str | None, timeout: float, namespace: str) -> BaseCache:
     # Imported here: aiocache loads redis-py, which loads OpenTelemetry whenever it is
     # installed; a sidecar without the cache policy should pay for none of them.
@@ -740,6 +1055,12 @@ def _open_backend(redis_url: str | None, timeout: float, namespace: str) -> Base
         timeout=timeout,
         create_connection_timeout=timeout,
     )
+
+
+def _finished(flight: _Flight) -> bool:
+    """The call ended with a complete 200 answer (it is being stored, or was too big to)."""
+    reply = flight.reply
+    return flight.done and flight.error is None and reply is not None and reply.status == 200
 
 
 def _model_tag(model: str) -> str:
@@ -779,6 +1100,24 @@ def _deterministic(route: str, document: dict[str, Any]) -> bool:
     )
 
 
+def _stream_usage(events: list[bytes], stream_format: StreamFormat | None) -> dict[str, Any] | None:
+    """The usage a complete stream carries: its last usage event (SSE) or closing line (NDJSON)."""
+    for event in reversed(events):
+        if stream_format == "ndjson":
+            if event.strip():
+                return _plain_usage(event)
+            continue
+        if b'"usage"' not in event:
+            continue
+        payload = b"\n".join(
+            line[5:].lstrip(b" ") for line in event.split(b"\n") if line.startswith(b"data:")
+        )
+        found = _plain_usage(payload)
+        if found is not None:
+            return found
+    return None
+
+
 def _plain_usage(body: bytes) -> dict[str, Any] | None:
     """The usage a plain answer carries (OpenAI's `usage` or Ollama's counts), if any."""
     try:
@@ -788,6 +1127,12 @@ def _plain_usage(body: bytes) -> dict[str, Any] | None:
     if not isinstance(document, dict):
         return None
     usage = document.get("usage")
+    if not isinstance(usage, dict):
+        for name in ("response", "message"):
+            inner = document.get(name)
+            if isinstance(inner, dict) and isinstance(inner.get("usage"), dict):
+                usage = inner["usage"]
+                break
     if isinstance(usage, dict):
         return usage
     if "prompt_eval_count" in document:

@@ -34,6 +34,19 @@ Prices are per 1M tokens (OpenAI's pricing unit) per model, in any currency;
 place a shared store plugs in later (in memory per process until then, shown
 in /readyz detail). Put `tracing` outside (before) `metering` in the YAML so
 its span sees `facts["usage"]` at the stream's end.
+
+Cache hits: an answer the `cache` policy gave from storage or from an identical
+request in flight (`facts["cache"]` is "hit" or "coalesced") used no upstream
+tokens. Metering counts it as 0 prompt and 0 completion tokens (no cost), and
+the tokens the answer represents (read from the replayed answer as above) as
+`tokens_total{kind="cached"}` and `requests_metered_total{source="cached"}`;
+`facts["usage"]` then says `"cached": true`, `total_tokens: 0`, `cost: 0`, and
+carries the represented counts as `cached_tokens` (with `cached_prompt_tokens`
+and `cached_completion_tokens`), so a budget charges nothing for a hit by
+reading `total_tokens`, or may charge `cached_tokens` if it chooses. The cache
+answers a hit without calling the policies after it, so only a `metering`
+placed before (outside) `cache` sees hits; placed after it, it meters the one
+upstream call of each miss and never hears of the hits.
 """
 
 from __future__ import annotations
@@ -73,6 +86,8 @@ GENERATION_ROUTES = frozenset(
 # Streams whose usage event the sidecar asks for with stream_options.include_usage.
 INCLUDE_USAGE_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
 OTHER = "other"
+# facts["cache"] values (set by the cache policy) of an answer that used no upstream tokens.
+CACHED_RESULTS = frozenset({"hit", "coalesced"})
 _USAGE = b'"usage"'
 
 
@@ -485,12 +500,12 @@ class Metering:
         metrics = context.metrics
         self._tokens = metrics.counter(
             "tokens_total",
-            "Tokens used, by tenant, model and kind (prompt or completion).",
+            "Tokens used, by tenant, model and kind (prompt, completion; cached: cache hits).",
             ("tenant", "model", "kind"),
         )
         self._requests = metrics.counter(
             "requests_metered_total",
-            "Metered generation requests, by source of the counts (upstream or estimated).",
+            "Metered generation requests, by source of the counts (upstream, estimated, cached).",
             ("tenant", "model", "source"),
         )
         self._cost = metrics.counter(
@@ -620,6 +635,8 @@ class Metering:
     ) -> UsageRecord:
         model = exchange.model or "unknown"
         tenant = str(exchange.facts.get("tenant", "anonymous"))
+        if exchange.facts.get("cache") in CACHED_RESULTS:
+            return self._record_cached(exchange, tenant, model, prompt, completion, estimated, how)
         price = self.prices.get(_price_key(model))
         cost = (
             (prompt * price.prompt + completion * price.completion) / 1_000_000
@@ -645,6 +662,45 @@ class Metering:
             request_id=exchange.request_id,
         )
         self.record(record)
+        return record
+
+    def _record_cached(
+        self,
+        exchange: Exchange,
+        tenant: str,
+        model: str,
+        prompt: int,
+        completion: int,
+        estimated: bool,
+        how: str,
+    ) -> UsageRecord:
+        """A cache hit: no upstream tokens, no cost; the tokens it represents counted as cached."""
+        exchange.facts["usage"] = {
+            "prompt_tokens": 0,
+            "completion_tokens": 0,
+            "total_tokens": 0,
+            "estimated": estimated,
+            "cost": 0.0,
+            "cached": True,
+            "cached_prompt_tokens": prompt,
+            "cached_completion_tokens": completion,
+            "cached_tokens": prompt + completion,
+        }
+        record = UsageRecord(
+            tenant=self._tenants(tenant),
+            model=self._models(model),
+            route=exchange.route.name,
+            prompt_tokens=0,
+            completion_tokens=0,
+            estimated=estimated,
+            cost=0.0,
+            ended=how,
+            request_id=exchange.request_id,
+        )
+        self._tokens.labels(record.tenant, record.model, "cached").inc(prompt + completion)
+        self._requests.labels(record.tenant, record.model, "cached").inc()
+        self.memory.record(record)
+        self.store.record(record)
         return record
 
     def _children_of(self, tenant: str, model: str) -> tuple[Any, ...]:

@@ -10,13 +10,18 @@ import statistics
 import time
 import uuid
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import aiohttp
+import orjson
 import pytest
+from pydantic import BaseModel, ConfigDict
 
 import policies.cache  # noqa: F401  (registers "cache")
+from sidecar import chain
 from sidecar.app import Sidecar
+from sidecar.chain import Next, PolicyContext
+from sidecar.exchange import Exchange, Reply
 from tests.conftest import SidecarFactory
 from tests.fake_ollama import FakeOllama, Fault
 
@@ -440,3 +445,252 @@ async def test_hit_latency_against_a_miss(
     backend = "redis" if stores else "memory"
     print(f"\n{backend}: hit p50 {hit_ms:.2f} ms vs miss p50 {miss_ms:.2f} ms (client round trip)")
     assert hit_ms < miss_ms
+
+
+class ProbeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class FactsProbe:
+    """A test policy (placed before `cache`) that keeps each exchange's facts to look at later."""
+
+    config_model: ClassVar[type[BaseModel]] = ProbeConfig
+    seen: ClassVar[list[dict[str, Any]]] = []
+
+    def __init__(self, config: ProbeConfig, context: PolicyContext) -> None:
+        pass
+
+    async def __call__(self, exchange: Exchange, call_next: Next) -> Reply:
+        FactsProbe.seen.append(exchange.facts)
+        return await call_next(exchange)
+
+
+@pytest.fixture
+def probe() -> Iterator[list[dict[str, Any]]]:
+    FactsProbe.seen = []
+    chain._BUILTINS["facts_probe"] = FactsProbe  # type: ignore[assignment]
+    yield FactsProbe.seen
+    chain._BUILTINS.pop("facts_probe", None)
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "expected"),
+    [
+        # The fake's plain answers carry `usage` / Ollama's counts.
+        ("/v1/chat/completions", CHAT, "prompt_tokens"),
+        # A stream's usage event (the client asked for it) or its closing NDJSON line.
+        (
+            "/v1/chat/completions",
+            {**CHAT, "stream": True, "stream_options": {"include_usage": True}},
+            "prompt_tokens",
+        ),
+        ("/api/chat", NATIVE_CHAT, "prompt_tokens"),
+        ("/api/chat", {**NATIVE_CHAT, "stream": False}, "prompt_tokens"),
+    ],
+)
+async def test_hits_carry_the_usage_they_represent(
+    make_sidecar: SidecarFactory,
+    fake: FakeOllama,
+    http: aiohttp.ClientSession,
+    stores: dict[str, Any],
+    probe: list[dict[str, Any]],
+    path: str,
+    body: dict[str, Any],
+    expected: str,
+) -> None:
+    sidecar = await make_sidecar(policies=[{"facts_probe": {}}, {"cache": {}}], **stores)
+    _, cache, first = await call(http, sidecar, path, body)
+    assert cache == "miss"
+    assert "cached_usage" not in probe[0]
+    _, cache, _ = await call(http, sidecar, path, body)
+    assert cache == "hit"
+    usage = probe[1]["cached_usage"]
+    assert usage[expected] > 0
+    assert probe[1]["cache"] == "hit"
+    if b'"prompt_eval_count"' in first:  # native: the counts of the closing line
+        last = orjson.loads(first.strip().splitlines()[-1])
+        assert usage["prompt_tokens"] == last["prompt_eval_count"]
+        assert usage["completion_tokens"] == last["eval_count"]
+
+
+async def test_coalesced_plain_answers_carry_the_usage_they_represent(
+    make_sidecar: SidecarFactory,
+    fake: FakeOllama,
+    http: aiohttp.ClientSession,
+    probe: list[dict[str, Any]],
+) -> None:
+    sidecar = await make_sidecar(policies=[{"facts_probe": {}}, {"cache": {}}])
+    fake.inject(Fault("delay_headers", delay=0.3))
+    answers = await asyncio.gather(
+        *(call(http, sidecar, "/v1/chat/completions", CHAT) for _ in range(3))
+    )
+    assert sorted(cache or "" for _, cache, _ in answers) == ["coalesced", "coalesced", "miss"]
+    assert generations(fake) == 1
+    usage = orjson.loads(answers[0][2])["usage"]
+    for facts in probe:
+        if facts["cache"] == "coalesced":
+            assert facts["cached_usage"] == usage
+        else:
+            assert "cached_usage" not in facts
+
+
+async def test_complete_on_disconnect_finishes_and_stores_the_abandoned_stream(
+    make_sidecar: SidecarFactory, fake: FakeOllama, http: aiohttp.ClientSession
+) -> None:
+    sidecar = await make_sidecar(policies=[{"cache": {"complete_on_disconnect": True}}])
+    gate = asyncio.Event()
+
+    async def hold(index: int) -> None:
+        if index >= 2:
+            await gate.wait()
+
+    fake.between_chunks = hold
+    body = {**CHAT, "stream": True}
+    async with http.post(f"{sidecar.url}/v1/chat/completions", json=body) as response:
+        assert response.headers["x-sidecar-cache"] == "miss"
+        await response.content.readline()
+    # The only client has gone; the upstream call goes on in the background.
+    await asyncio.sleep(0.2)
+    assert not fake.stream_closed_by_peer.is_set()
+    gate.set()
+    for _ in range(100):
+        status, cache, whole = await call(http, sidecar, "/v1/chat/completions", body)
+        if cache == "hit":
+            break
+        await asyncio.sleep(0.02)
+    assert (status, cache) == (200, "hit")
+    assert whole.endswith(b"data: [DONE]\n\n")
+    assert not fake.stream_closed_by_peer.is_set()
+    assert generations(fake) == 1
+
+
+async def test_replay_pace_spaces_a_replayed_streams_events(
+    make_sidecar: SidecarFactory,
+    fake: FakeOllama,
+    http: aiohttp.ClientSession,
+    stores: dict[str, Any],
+) -> None:
+    sidecar = await cached_sidecar(make_sidecar, stores, replay_pace="40ms")
+    body = {**CHAT, "stream": True}
+    _, _, first = await call(http, sidecar, "/v1/chat/completions", body)
+    async with http.post(f"{sidecar.url}/v1/chat/completions", json=body) as response:
+        assert response.headers["x-sidecar-cache"] == "hit"
+        arrivals: list[float] = []
+        data = b""
+        async for chunk in response.content.iter_any():
+            arrivals.append(time.perf_counter())
+            data += chunk
+    assert data == first
+    events = first.count(b"\n\n")
+    assert len(arrivals) == events  # one event per chunk, each after its pause
+    assert arrivals[-1] - arrivals[0] >= 0.04 * (events - 1) * 0.9
+
+
+def sse_chunks(data: bytes) -> list[Any]:
+    events = [event[6:] for event in data.split(b"\n\n") if event.startswith(b"data: ")]
+    return [e.decode() if e == b"[DONE]" else orjson.loads(e) for e in events]
+
+
+def without_ids(document: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in document.items() if k not in ("id", "created", "created_at")}
+
+
+@pytest.mark.parametrize("include_usage", [True, False])
+async def test_a_plain_request_is_answered_from_a_stream_entry(
+    make_sidecar: SidecarFactory,
+    fake: FakeOllama,
+    http: aiohttp.ClientSession,
+    stores: dict[str, Any],
+    include_usage: bool,
+) -> None:
+    # metering after cache records the usage the stream had (hidden from this client).
+    sidecar = await make_sidecar(policies=[{"cache": {}}, {"metering": {}}], **stores)
+    stream = {**CHAT, "stream": True}
+    if include_usage:
+        stream["stream_options"] = {"include_usage": True}
+    _, cache, streamed = await call(http, sidecar, "/v1/chat/completions", stream)
+    assert cache == "miss"
+    status, cache, data = await call(http, sidecar, "/v1/chat/completions", CHAT)
+    assert (status, cache) == (200, "hit")
+    assembled = orjson.loads(data)
+    # What the upstream itself answers to the plain request (not stored).
+    _, cache, direct = await call(
+        http, sidecar, "/v1/chat/completions", CHAT, {"Cache-Control": "no-store"}
+    )
+    assert cache == "bypass"
+    assert without_ids(assembled) == without_ids(orjson.loads(direct))
+    chunks = sse_chunks(streamed)
+    assert assembled["id"] == chunks[0]["id"]
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[:-1] if c["choices"])
+    assert assembled["choices"][0]["message"]["content"] == text
+    assert generations(fake) == 2
+    async with http.post(f"{sidecar.url}/v1/chat/completions", json=CHAT) as response:
+        assert response.headers["Content-Type"].startswith("application/json")
+
+
+@pytest.mark.parametrize("include_usage", [True, False])
+async def test_a_stream_request_is_answered_from_a_plain_entry(
+    make_sidecar: SidecarFactory,
+    fake: FakeOllama,
+    http: aiohttp.ClientSession,
+    stores: dict[str, Any],
+    include_usage: bool,
+) -> None:
+    sidecar = await cached_sidecar(make_sidecar, stores)
+    _, cache, plain = await call(http, sidecar, "/v1/chat/completions", CHAT)
+    assert cache == "miss"
+    stream = {**CHAT, "stream": True, "stream_options": {"include_usage": include_usage}}
+    async with http.post(f"{sidecar.url}/v1/chat/completions", json=stream) as response:
+        assert response.headers["x-sidecar-cache"] == "hit"
+        assert response.headers["Content-Type"].startswith("text/event-stream")
+        data = await response.read()
+    document = orjson.loads(plain)
+    chunks = sse_chunks(data)
+    assert chunks[-1] == "[DONE]"
+    assert [c["object"] for c in chunks[:-1]] == ["chat.completion.chunk"] * (len(chunks) - 1)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    message = document["choices"][0]["message"]
+    assert chunks[1]["choices"][0]["delta"] == {"content": message["content"]}
+    assert chunks[2]["choices"][0]["finish_reason"] == document["choices"][0]["finish_reason"]
+    if include_usage:
+        assert chunks[3]["choices"] == []
+        assert chunks[3]["usage"] == document["usage"]
+        assert len(chunks) == 5
+    else:
+        assert len(chunks) == 4
+    assert {c["id"] for c in chunks[:-1]} == {document["id"]}
+    assert generations(fake) == 1
+
+
+async def test_native_chat_plain_and_stream_answer_each_other(
+    make_sidecar: SidecarFactory,
+    fake: FakeOllama,
+    http: aiohttp.ClientSession,
+    stores: dict[str, Any],
+) -> None:
+    sidecar = await cached_sidecar(make_sidecar, stores)
+    plain = {**NATIVE_CHAT, "stream": False}
+    # A stream first (Ollama's default), then the plain request from it.
+    _, cache, streamed = await call(http, sidecar, "/api/chat", NATIVE_CHAT)
+    assert cache == "miss"
+    _, cache, data = await call(http, sidecar, "/api/chat", plain)
+    assert cache == "hit"
+    _, _, direct = await call(http, sidecar, "/api/chat", plain, {"Cache-Control": "no-store"})
+    assert without_ids(orjson.loads(data)) == without_ids(orjson.loads(direct))
+    final = orjson.loads(streamed.splitlines()[-1])
+    assembled = orjson.loads(data)
+    for name in ("prompt_eval_count", "eval_count", "done_reason", "total_duration"):
+        assert assembled[name] == final[name]
+    # A plain entry answering a stream (another seed: nothing stored for it yet).
+    other = {**plain, "options": {"seed": 8}}
+    _, cache, answer = await call(http, sidecar, "/api/chat", other)
+    assert cache == "miss"
+    async with http.post(f"{sidecar.url}/api/chat", json={**other, "stream": True}) as response:
+        assert response.headers["x-sidecar-cache"] == "hit"
+        assert response.headers["Content-Type"].startswith("application/x-ndjson")
+        lines = [orjson.loads(line) async for line in response.content if line.strip()]
+    document = orjson.loads(answer)
+    assert [line["done"] for line in lines] == [False, True]
+    assert "".join(line["message"]["content"] for line in lines) == document["message"]["content"]
+    assert lines[-1] | {"message": None} == document | {"message": None}
+    assert generations(fake) == 3

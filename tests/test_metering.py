@@ -412,3 +412,128 @@ async def test_tenant_from_facts_and_price_without_latest() -> None:
         "cost": 7.0,
     }
     assert policy.totals()["team-a"][MODEL]["cost"] == 7.0
+
+
+# --- cache hits ----------------------------------------------------------------------
+
+
+async def test_a_cache_hit_is_metered_as_cached_tokens_not_upstream_tokens() -> None:
+    from multidict import CIMultiDict, CIMultiDictProxy
+
+    from sidecar.chain import PolicyContext
+    from sidecar.config import parse_settings
+    from sidecar.exchange import Exchange, Reply
+    from sidecar.observability import Metrics
+    from sidecar.routes import ROUTES
+
+    context = PolicyContext(settings=parse_settings({}), metrics=Metrics())
+    config = policies.metering.MeteringConfig.model_validate(
+        {"prices": {"llama3.2": {"prompt": 1.0, "completion": 3.0}}}
+    )
+    policy = Metering(config, context)
+    exchange = Exchange(
+        method="POST",
+        route=ROUTES["/v1/chat/completions"],
+        path="/v1/chat/completions",
+        query_string="",
+        headers=CIMultiDictProxy(CIMultiDict()),
+        body=orjson.dumps(CHAT),
+    )
+    body = b'{"usage":{"prompt_tokens":1000000,"completion_tokens":2000000}}'
+
+    async def cache(exchange: Exchange) -> Reply:
+        exchange.facts["cache"] = "hit"  # what the cache policy says of its answer
+        return Reply(200, CIMultiDict(), body=body)
+
+    await policy(exchange, cache)
+    assert exchange.facts["usage"] == {
+        "prompt_tokens": 0,
+        "completion_tokens": 0,
+        "total_tokens": 0,
+        "estimated": False,
+        "cost": 0.0,
+        "cached": True,
+        "cached_prompt_tokens": 1_000_000,
+        "cached_completion_tokens": 2_000_000,
+        "cached_tokens": 3_000_000,
+    }
+    totals = policy.totals()["anonymous"][MODEL]
+    assert (totals["requests"], totals["total_tokens"], totals["cost"]) == (1, 0, 0.0)
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """One sample's value (0.0 when absent); labels in any order."""
+    for line in text.splitlines():
+        if not line.startswith(f"ollama_sidecar_{name}{{"):
+            continue
+        head, _, value = line.rpartition(" ")
+        found = dict(
+            part.split("=", 1) for part in head[head.index("{") + 1 : -1].split(",") if part
+        )
+        if all(found.get(key) == f'"{want}"' for key, want in labels.items()):
+            return float(value)
+    return 0.0
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/chat/completions", {**CHAT, "temperature": 0}),
+        ("/v1/chat/completions", {**CHAT, "temperature": 0, "stream": True}),
+        (
+            "/v1/chat/completions",
+            {**CHAT, "seed": 3, "stream": True, "stream_options": {"include_usage": True}},
+        ),
+        ("/api/chat", {**CHAT, "options": {"seed": 1}}),
+        ("/api/generate", {"model": MODEL, "prompt": "hi", "options": {"temperature": 0}}),
+    ],
+)
+async def test_metering_before_cache_counts_hits_as_cached(
+    make_sidecar: SidecarFactory,
+    fake: FakeOllama,
+    http: aiohttp.ClientSession,
+    path: str,
+    body: dict[str, Any],
+) -> None:
+    sidecar = await make_sidecar([{"metering": {"prices": PRICES}}, {"cache": {"scope": "global"}}])
+    metering = policy_of(sidecar)
+    async with http.post(f"{sidecar.url}{path}", json=body) as response:
+        assert response.headers["x-sidecar-cache"] == "miss"
+        first = await response.read()
+    miss = metering.memory.total.as_dict()
+    assert miss["requests"] == 1 and miss["total_tokens"] > 0
+    async with http.post(f"{sidecar.url}{path}", json=body) as response:
+        assert response.headers["x-sidecar-cache"] == "hit"
+        again = await response.read()
+    # The client's bytes are what it got the first time (usage event hidden or not alike).
+    assert again == first
+    assert (b'"choices":[]' in first) == ("stream_options" in body)
+    assert sum(1 for r in fake.requests if r.method == "POST") == 1
+    after = metering.memory.total.as_dict()
+    assert after["requests"] == 2
+    assert (after["prompt_tokens"], after["completion_tokens"], after["cost"]) == (
+        miss["prompt_tokens"],
+        miss["completion_tokens"],
+        miss["cost"],
+    )
+    text = await metrics_text(http, sidecar)
+    labels = {"tenant": "anonymous", "model": MODEL}
+    assert metric(text, "tokens_total", kind="cached", **labels) == miss["total_tokens"]
+    assert metric(text, "tokens_total", kind="prompt", **labels) == miss["prompt_tokens"]
+    assert metric(text, "requests_metered_total", source="cached", **labels) == 1.0
+    assert metric(text, "requests_metered_total", source="upstream", **labels) == 1.0
+
+
+async def test_metering_after_cache_sees_only_the_upstream_call(
+    make_sidecar: SidecarFactory, fake: FakeOllama, http: aiohttp.ClientSession
+) -> None:
+    sidecar = await make_sidecar([{"cache": {}}, {"metering": {}}])
+    body = {**CHAT, "temperature": 0}
+    for expected in ("miss", "hit", "hit"):
+        async with http.post(f"{sidecar.url}/v1/chat/completions", json=body) as response:
+            assert response.headers["x-sidecar-cache"] == expected
+            await response.read()
+    totals = policy_of(sidecar).memory.total.as_dict()
+    assert totals["requests"] == 1
+    text = await metrics_text(http, sidecar)
+    assert 'kind="cached"' not in text
