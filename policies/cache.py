@@ -39,6 +39,23 @@ identical request as a hit (read your writes, even on a slow Redis). When every
 client has gone the upstream call is cancelled (its connection closed), unless
 `complete_on_disconnect: true`, which lets it finish and be stored.
 
+Single-flight across pods (Redis, `cross_pod: true`, the default there): the
+one flight of a pod (so only one request per pod asks) takes a lock for the
+key first, in the same Lua round trip that looks for the entry
+(`SET <entry key>:lock <token> NX PX lock_ttl`). The holder goes upstream as
+above and, once its entry is stored or its call has failed, deletes the lock
+if it still holds its token. A pod that finds the lock taken polls (every
+`lock_poll`) for the entry, for at most `lock_wait` and never beyond the
+request's own deadline (`upstream.timeouts.total`), then answers every client
+of its flight from it as `coalesced`; a lock that goes without an entry (the
+holder's call failed) is taken over by the next poll, which then goes
+upstream; a wait that runs out goes upstream without the lock. Another pod
+cannot join a live stream: it waits for the complete entry and replays it (as
+fast as possible), so its first byte comes when the leader's stream is
+complete. A Redis error while taking or waiting is a miss that goes upstream,
+as before. `Cache-Control: no-cache` requests neither take nor wait for a lock.
+A stream longer than `lock_ttl` lets the lock expire and a waiter go upstream.
+
 Control: `Cache-Control: no-cache` skips the lookup (and the joining) but
 stores the fresh answer; `no-store` skips both. The answer carries
 `x-sidecar-cache: hit | miss | bypass | coalesced`, and `facts["cache"]` the
@@ -63,6 +80,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import secrets
 import time
 from collections import OrderedDict
 from collections.abc import AsyncGenerator
@@ -115,6 +133,19 @@ STREAM_TYPES: dict[StreamFormat, str] = {
 # Request fields that do not change the answer.
 IGNORED_FIELDS = frozenset({"user", "stream", "stream_options"})
 HEADER = "x-sidecar-cache"
+# Cross-pod single-flight, one round trip each. Take: the entry if it is there, else the
+# key's lock if it is free (atomic, so a lock released after its entry was stored never
+# lets a waiter miss that entry). Release: only by the holder of the token.
+_LUA_TAKE = """
+local entry = redis.call('GET', KEYS[1])
+if entry then return {1, entry} end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {2} end
+return {0}
+"""
+_LUA_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
 CacheResult = Literal["hit", "miss", "bypass", "coalesced"]
 
 
@@ -162,6 +193,26 @@ class CacheConfig(BaseModel):
         gt=0,
         le=10,
         description="Pause between a replayed stream's events (e.g. 20ms); null: as fast as possible.",
+    )
+
+    cross_pod: bool = Field(
+        True,
+        description="Redis: single-flight across pods with a short lock per key (ignored on memory).",
+    )
+    lock_ttl: Duration = Field(
+        30.0, gt=0, le=600, description="Redis: longest a pod holds a key's lock (e.g. 30s)."
+    )
+    lock_wait: Duration = Field(
+        10.0,
+        gt=0,
+        le=600,
+        description="Redis: longest a pod waits for another pod's entry before going upstream.",
+    )
+    lock_poll: Duration = Field(
+        0.02,
+        ge=0.001,
+        le=5,
+        description="Redis: how often a waiting pod looks for the other pod's entry (e.g. 20ms).",
     )
 
     @field_validator("routes")
@@ -297,6 +348,7 @@ class _Flight:
         "leader",
         "ready",
         "refs",
+        "remote",
         "reply",
         "store",
         "task",
@@ -316,6 +368,7 @@ class _Flight:
         self.refs = 0
         self.task: asyncio.Task[None] | None = None
         self.usage: dict[str, Any] | None = None
+        self.remote = False  # answered from the entry another pod's call stored
 
 
 class FanOutChunks(AsyncGenerator[bytes, None]):
@@ -393,6 +446,12 @@ class ResponseCache:
         self._bytes = 0
         self._flights: dict[str, _Flight] = {}
         self._clock = time.monotonic
+        self._upstream = context.settings.upstream
+        self._cross_pod = self._redis and config.cross_pod and config.single_flight
+        if self._cross_pod:
+            client = self._backend.client
+            self._take_script = client.register_script(_LUA_TAKE)
+            self._release_script = client.register_script(_LUA_RELEASE)
         metrics = context.metrics
         self._hits = metrics.counter(
             "cache_hits_total", "Requests answered from the cache, by route.", ("route",)
@@ -477,11 +536,11 @@ class ResponseCache:
                     if reply is not None:
                         return reply
                     continue  # the call was abandoned by all before answering: go again
-            self._misses.labels(route).inc()
             flight = _Flight(key, exchange, store=True)
             if self.config.single_flight and key not in self._flights:
                 self._flights[key] = flight
-            flight.task = asyncio.create_task(self._run(flight, call_next))
+            shared = self._cross_pod and not fresh
+            flight.task = asyncio.create_task(self._run(flight, call_next, shared))
             reply = await self._follow(exchange, flight, "miss")
             if reply is None:  # _follow raises for a leader; kept for the type checker
                 raise SidecarError(
@@ -582,8 +641,16 @@ class ResponseCache:
         try:
             await flight.ready.wait()
         except BaseException:
+            if result == "miss":
+                self._misses.labels(exchange.route.name).inc()
             await self._release(flight)
             raise
+        if result == "miss":
+            if flight.remote:  # another pod's call answered it: this pod never went upstream
+                result = "coalesced"
+                self._coalesced.labels(exchange.route.name).inc()
+            else:
+                self._misses.labels(exchange.route.name).inc()
         reply = flight.reply
         if reply is None:
             await self._release(flight)
@@ -623,9 +690,15 @@ class ResponseCache:
 
     # -- the upstream call, shared -------------------------------------------
 
-    async def _run(self, flight: _Flight, call_next: Next) -> None:
+    async def _run(self, flight: _Flight, call_next: Next, shared: bool = False) -> None:
         exchange = flight.leader
+        token = ""
         try:
+            if shared:
+                taken = await self._lead_or_wait(flight)
+                if taken is None:
+                    return  # answered from the entry another pod's call stored
+                token = taken
             try:
                 reply = await call_next(exchange)
             except BaseException as error:
@@ -658,6 +731,73 @@ class ResponseCache:
         finally:
             if self._flights.get(flight.key) is flight:
                 del self._flights[flight.key]
+            if token:  # after the flight has gone: its entry (if any) is stored by now
+                await self._unlock(flight.key, token)
+
+    # -- single-flight across pods (Redis) -------------------------------------
+
+    async def _lead_or_wait(self, flight: _Flight) -> str | None:
+        """Take the key's lock (its token: this pod goes upstream) or wait for its entry.
+
+        None: the entry another pod stored answered the flight. "": go upstream without
+        the lock (the wait ran out, or Redis failed: as without cross-pod single-flight).
+        A lock released without an entry (that pod's call failed) is taken over here.
+        """
+        exchange = flight.leader
+        loop = asyncio.get_running_loop()
+        deadline = exchange.started_at + self._upstream.timeouts_for(exchange.route.name).total
+        give_up = min(loop.time() + self.config.lock_wait, deadline)
+        poll = self.config.lock_poll
+        token = secrets.token_hex(16)
+        entry_key = f"{self._namespace}:{flight.key}"
+        lock_ttl = max(1, int(self.config.lock_ttl * 1000))
+        while True:
+            try:
+                async with asyncio.timeout(self._timeout):
+                    found = await self._take_script(
+                        keys=[entry_key, f"{entry_key}:lock"], args=[token, lock_ttl]
+                    )
+                state = int(found[0])
+                if state == 1:
+                    self._answer_remote(flight, Entry.loads(bytes(found[1])))
+                    return None
+            except Exception as exc:
+                self._store_errors.labels("lock").inc()
+                _log().warning("cache_store_failed", operation="lock", error=repr(exc))
+                return ""
+            if state == 2:
+                return token
+            if loop.time() + poll >= give_up:
+                _log().debug("cache_lock_wait_expired", key=flight.key)
+                return ""
+            await asyncio.sleep(poll)
+
+    def _answer_remote(self, flight: _Flight, entry: Entry) -> None:
+        """Complete `flight` with a stored entry: its clients get it as a coalesced answer."""
+        flight.remote = True
+        flight.usage = entry.usage
+        headers: CIMultiDict[str] = CIMultiDict(entry.headers)
+        if entry.events is None:
+            flight.reply = Reply(entry.status, headers, body=entry.body)
+        else:
+            flight.chunks = list(entry.events)
+            flight.reply = Reply(
+                entry.status,
+                headers,
+                chunks=ReplayChunks(entry.events),
+                stream_format=entry.stream_format,
+            )
+        flight.done = True
+        flight.ready.set()
+
+    async def _unlock(self, key: str, token: str) -> None:
+        entry_key = f"{self._namespace}:{key}"
+        try:
+            async with asyncio.timeout(self._timeout):
+                await self._release_script(keys=[f"{entry_key}:lock"], args=[token])
+        except Exception as exc:  # it expires after lock_ttl anyway
+            self._store_errors.labels("unlock").inc()
+            _log().warning("cache_store_failed", operation="unlock", error=repr(exc))
 
     async def _pump(self, flight: _Flight, reply: Reply) -> None:
         chunks = reply.chunks

@@ -694,3 +694,127 @@ async def test_native_chat_plain_and_stream_answer_each_other(
     assert "".join(line["message"]["content"] for line in lines) == document["message"]["content"]
     assert lines[-1] | {"message": None} == document | {"message": None}
     assert generations(fake) == 3
+
+
+# ---------------------------------------------------------------------------
+# Single-flight across pods: two sidecars sharing one Redis (a short lock per key).
+
+
+async def two_pods(
+    make_sidecar: SidecarFactory, redis_url: str, **options: Any
+) -> tuple[Sidecar, Sidecar]:
+    stores = {"stores": {"redis_url": redis_url, "prefix": f"t-{uuid.uuid4().hex[:10]}:"}}
+    first = await cached_sidecar(make_sidecar, stores, **options)
+    second = await cached_sidecar(make_sidecar, stores, **options)
+    return first, second
+
+
+async def coalesced_count(http: aiohttp.ClientSession, sidecar: Sidecar) -> float:
+    text = await (await http.get(f"{sidecar.url}/metrics")).text()
+    for line in text.splitlines():
+        if 'cache_coalesced_total{route="/v1/chat/completions"}' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_identical_requests_across_two_pods_cost_one_generation(
+    make_sidecar: SidecarFactory,
+    fake: FakeOllama,
+    http: aiohttp.ClientSession,
+    redis_server: Any,
+    stream: bool,
+) -> None:
+    pods = await two_pods(make_sidecar, redis_server.url)
+    gate = asyncio.Event()
+
+    async def hold(index: int) -> None:
+        await gate.wait()
+
+    if stream:
+        fake.between_chunks = hold
+    else:
+        fake.inject(Fault("delay_headers", release=gate))
+    body = {**CHAT, "stream": stream}
+    clients = [
+        asyncio.create_task(call(http, pods[i % 2], "/v1/chat/completions", body))
+        for i in range(10)
+    ]
+    # Every client is in: 4 followers in each pod joined its pod's one flight, one pod's
+    # leader holds the lock and the other's polls for the entry.
+    for _ in range(300):
+        counts = [await coalesced_count(http, pod) for pod in pods]
+        if counts == [4.0, 4.0] and len(fake.requests) == 1:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.1)  # the other pod's leader is polling by now
+    assert generations(fake) == 1
+    gate.set()
+    answers = await asyncio.gather(*clients)
+    assert generations(fake) == 1
+    assert {status for status, _, _ in answers} == {200}
+    bodies = {data for _, _, data in answers}
+    assert len(bodies) == 1
+    if stream:
+        assert next(iter(bodies)).endswith(b"data: [DONE]\n\n")
+    assert sorted(cache or "" for _, cache, _ in answers) == ["coalesced"] * 9 + ["miss"]
+    print(f"\ncross-pod coalescing (stream={stream}): 10 requests over 2 pods -> 1 upstream")
+
+
+async def test_a_failed_lock_holder_lets_the_other_pod_go_upstream(
+    make_sidecar: SidecarFactory,
+    fake: FakeOllama,
+    http: aiohttp.ClientSession,
+    redis_server: Any,
+) -> None:
+    first, second = await two_pods(make_sidecar, redis_server.url)
+    gate = asyncio.Event()
+
+    async def hold(index: int) -> None:
+        await gate.wait()
+
+    fake.between_chunks = hold
+    fake.inject(Fault("reset_after", after_chunks=2))
+    body = {**CHAT, "stream": True}
+    leader = asyncio.create_task(call(http, first, "/v1/chat/completions", body))
+    for _ in range(200):
+        if len(fake.requests) == 1:
+            break
+        await asyncio.sleep(0.01)
+    waiter = asyncio.create_task(call(http, second, "/v1/chat/completions", body))
+    await asyncio.sleep(0.3)
+    assert generations(fake) == 1  # the second pod waits on the lock
+    started = time.perf_counter()
+    gate.set()
+    _, _, broken = await leader
+    assert b"[DONE]" not in broken
+    status, cache, whole = await waiter
+    elapsed = time.perf_counter() - started
+    assert (status, cache) == (200, "miss")
+    assert whole.endswith(b"data: [DONE]\n\n")
+    assert generations(fake) == 2
+    assert elapsed < 2.0  # took the released lock over at once, not after lock_wait (10s)
+
+
+async def test_a_waiting_pod_goes_upstream_when_lock_wait_runs_out(
+    make_sidecar: SidecarFactory,
+    fake: FakeOllama,
+    http: aiohttp.ClientSession,
+    redis_server: Any,
+) -> None:
+    first, second = await two_pods(make_sidecar, redis_server.url, lock_wait="200ms")
+    gate = asyncio.Event()
+    fake.inject(Fault("delay_headers", release=gate))
+    leader = asyncio.create_task(call(http, first, "/v1/chat/completions", CHAT))
+    for _ in range(200):
+        if len(fake.requests) == 1:
+            break
+        await asyncio.sleep(0.01)
+    started = time.perf_counter()
+    status, cache, _ = await call(http, second, "/v1/chat/completions", CHAT)
+    elapsed = time.perf_counter() - started
+    assert (status, cache) == (200, "miss")
+    assert 0.15 <= elapsed < 2.0
+    assert generations(fake) == 2
+    gate.set()
+    assert (await leader)[:2] == (200, "miss")
