@@ -445,6 +445,8 @@ class ResponseCache:
         self._index: OrderedDict[str, tuple[int, str, float]] = OrderedDict()
         self._bytes = 0
         self._flights: dict[str, _Flight] = {}
+        # Flights that found another pod's lock and waited for its entry (readiness, tests).
+        self.lock_waits = 0
         self._clock = time.monotonic
         self._upstream = context.settings.upstream
         self._cross_pod = self._redis and config.cross_pod and config.single_flight
@@ -498,6 +500,7 @@ class ResponseCache:
             "entries": len(self._index) if not self._redis else None,
             "bytes": self._bytes if not self._redis else None,
             "in_flight": len(self._flights),
+            "lock_waits": self.lock_waits,
         }
 
     # -- the chain step ------------------------------------------------------
@@ -751,6 +754,7 @@ class ResponseCache:
         token = secrets.token_hex(16)
         entry_key = f"{self._namespace}:{flight.key}"
         lock_ttl = max(1, int(self.config.lock_ttl * 1000))
+        waited = False
         while True:
             try:
                 async with asyncio.timeout(self._timeout):
@@ -770,6 +774,10 @@ class ResponseCache:
             if loop.time() + poll >= give_up:
                 _log().debug("cache_lock_wait_expired", key=flight.key)
                 return ""
+            # Another pod holds the lock: wait for its entry (counted once per flight).
+            if not waited:
+                waited = True
+                self.lock_waits += 1
             await asyncio.sleep(poll)
 
     def _answer_remote(self, flight: _Flight, entry: Entry) -> None:

@@ -224,7 +224,10 @@ async def test_followers_get_the_leaders_error(
     clients = [
         asyncio.create_task(call(http, sidecar, "/v1/chat/completions", body)) for _ in range(5)
     ]
-    await asyncio.sleep(0.3)
+    for _ in range(300):  # until the 4 followers have joined the one flight
+        if await coalesced_count(http, sidecar) == 4.0:
+            break
+        await asyncio.sleep(0.01)
     gate.set()
     answers = await asyncio.gather(*clients)
     assert generations(fake) == 1
@@ -744,10 +747,11 @@ async def test_identical_requests_across_two_pods_cost_one_generation(
     # leader holds the lock and the other's polls for the entry.
     for _ in range(300):
         counts = [await coalesced_count(http, pod) for pod in pods]
-        if counts == [4.0, 4.0] and len(fake.requests) == 1:
+        waits = sum(cache_policy(pod).lock_waits for pod in pods)
+        if counts == [4.0, 4.0] and len(fake.requests) == 1 and waits == 1:
             break
         await asyncio.sleep(0.01)
-    await asyncio.sleep(0.1)  # the other pod's leader is polling by now
+    assert waits == 1  # the other pod's leader found the lock and waits for the entry
     assert generations(fake) == 1
     gate.set()
     answers = await asyncio.gather(*clients)
@@ -782,7 +786,10 @@ async def test_a_failed_lock_holder_lets_the_other_pod_go_upstream(
             break
         await asyncio.sleep(0.01)
     waiter = asyncio.create_task(call(http, second, "/v1/chat/completions", body))
-    await asyncio.sleep(0.3)
+    for _ in range(300):
+        if cache_policy(second).lock_waits == 1:
+            break
+        await asyncio.sleep(0.01)
     assert generations(fake) == 1  # the second pod waits on the lock
     started = time.perf_counter()
     gate.set()
@@ -818,3 +825,9 @@ async def test_a_waiting_pod_goes_upstream_when_lock_wait_runs_out(
     assert generations(fake) == 2
     gate.set()
     assert (await leader)[:2] == (200, "miss")
+
+
+def cache_policy(sidecar: Sidecar) -> Any:
+    """The running cache policy of a sidecar."""
+    assert sidecar.runtime is not None
+    return dict(sidecar.runtime.policies)["cache"]
