@@ -54,7 +54,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, replace
 from types import TracebackType
-from typing import Any, ClassVar, Literal, Protocol
+from typing import Any, ClassVar, Protocol
 
 import orjson
 import structlog
@@ -65,24 +65,12 @@ from sidecar.config import ByteSize
 from sidecar.errors import StreamInterrupted
 from sidecar.exchange import Exchange, Reply
 from sidecar.ledger import UsageLedger, UsageRecord
+from sidecar.replies import StreamEnd
+from sidecar.routes import GENERATION_ROUTES
 from sidecar.tokens import Encoding, TokenCounter, completion_text, prompt_tokens
 
-StreamEnd = Literal["complete", "failed", "abandoned"]
-
 # Routes that run a model, and so use tokens.
-GENERATION_ROUTES = frozenset(
-    {
-        "/v1/chat/completions",
-        "/v1/completions",
-        "/v1/embeddings",
-        "/v1/responses",
-        "/v1/messages",
-        "/api/chat",
-        "/api/generate",
-        "/api/embed",
-        "/api/embeddings",
-    }
-)
+METERED_ROUTES = frozenset(GENERATION_ROUTES)
 # Streams whose usage event the sidecar asks for with stream_options.include_usage.
 INCLUDE_USAGE_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
 OTHER = "other"
@@ -541,7 +529,7 @@ class Metering:
 
     async def __call__(self, exchange: Exchange, call_next: Next) -> Reply:
         route = exchange.route.name
-        if route not in GENERATION_ROUTES:
+        if route not in METERED_ROUTES:
             return await call_next(exchange)
         document = exchange.json
         stream = exchange.wants_stream
