@@ -67,6 +67,7 @@ from sidecar.exchange import Exchange, Reply
 from sidecar.ledger import UsageLedger, UsageRecord
 from sidecar.replies import StreamEnd
 from sidecar.routes import GENERATION_ROUTES
+from sidecar.streams import LastNdjsonLine
 from sidecar.tokens import Encoding, TokenCounter, completion_text, prompt_tokens
 
 # Routes that run a model, and so use tokens.
@@ -309,39 +310,19 @@ class SseUsageScanner:
         return b"data: " + orjson.dumps(document)
 
 
-class NdjsonLastLine:
-    """Keeps the last complete NDJSON line (joined when it spans reads); parsed once at the end."""
+class NdjsonLastLine(LastNdjsonLine):
+    """Counts from a native stream's final line (the core's last-line tracker)."""
 
-    __slots__ = ("_last", "_partial")
+    __slots__ = ()
 
-    def __init__(self) -> None:
-        self._partial: list[bytes] = []
-        self._last = b""
-
-    def feed(self, chunk: bytes) -> bytes:
-        end = chunk.rfind(b"\n")
-        if end < 0:
-            self._partial.append(chunk)
-            return chunk
-        start = chunk.rfind(b"\n", 0, end) + 1
-        if start == 0 and self._partial:
-            line = b"".join(self._partial) + chunk[:end]
-        else:
-            line = chunk[start:end]
-        if line.strip():
-            self._last = line
-        self._partial = [chunk[end + 1 :]] if end + 1 < len(chunk) else []
+    def feed(self, chunk: bytes) -> bytes:  # type: ignore[override]
+        super().feed(chunk)
         return chunk
 
     def counts(self) -> Counts:
         counts = Counts()
-        rest = b"".join(self._partial)
-        line = rest if rest.strip() else self._last
-        try:
-            document = orjson.loads(line)
-        except orjson.JSONDecodeError:
-            return counts
-        if isinstance(document, dict) and document.get("done") is True:
+        document = self.final()
+        if document is not None:
             counts.take(document.get("prompt_eval_count", 0), document.get("eval_count", 0))
             counts.final = True
         return counts

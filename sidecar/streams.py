@@ -61,11 +61,11 @@ class SseEventCheck:
         return self._seen
 
 
-class NdjsonDoneCheck:
-    """A native Ollama stream is complete when its last line is an object with `"done": true`.
+class LastNdjsonLine:
+    """Keeps the last complete NDJSON line, joined when it spans reads; parsed once, at the end.
 
-    Only the last complete line is kept (joined from pieces when it spans reads);
-    it is parsed once, at the end.
+    Native streams put everything worth knowing (done, counts) on their last line,
+    so nothing else of the stream needs parsing.
     """
 
     __slots__ = ("_last_line", "_partial")
@@ -88,14 +88,26 @@ class NdjsonDoneCheck:
             self._last_line = line
         self._partial = [chunk[end + 1 :]] if end + 1 < len(chunk) else []
 
-    def complete(self) -> bool:
+    def final(self) -> dict[str, object] | None:
+        """The last line as an object when it says `"done": true`, else None."""
         rest = b"".join(self._partial)
         line = rest if rest.strip() else self._last_line
         try:
             document = orjson.loads(line)
         except orjson.JSONDecodeError:
-            return False
-        return isinstance(document, dict) and document.get("done") is True
+            return None
+        if isinstance(document, dict) and document.get("done") is True:
+            return document
+        return None
+
+
+class NdjsonDoneCheck(LastNdjsonLine):
+    """A native Ollama stream is complete when its last line is an object with `"done": true`."""
+
+    __slots__ = ()
+
+    def complete(self) -> bool:
+        return self.final() is not None
 
 
 def end_check(marker: str | None, stream_format: str) -> StreamEndCheck | None:
