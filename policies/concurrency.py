@@ -23,20 +23,18 @@ a model listing or a version check must not wait behind a long generation.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 from collections import deque
-from collections.abc import AsyncGenerator, Coroutine
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from sidecar.chain import Next, PolicyContext, register
 from sidecar.config import Duration
-from sidecar.errors import SidecarError, StreamInterrupted
+from sidecar.errors import SidecarError
 from sidecar.exchange import Exchange, Reply
 from sidecar.observability import LATENCY_BUCKETS
-from sidecar.replies import StreamEnd, watch_stream
+from sidecar.replies import watch_stream
 from sidecar.routes import GENERATION_ROUTES, ROUTE_NAMES
 
 MODEL_ROUTES = GENERATION_ROUTES
@@ -219,7 +217,9 @@ class Concurrency:
         if reply.chunks is None:
             self._release(gate, model, started)
             return reply
-        return _HeldStream.hold(reply, self, gate, model, started)
+        # A stream holds its slot to its end, however it ends: watch_stream reports
+        # exactly once, a stream closed unstarted or dropped unclosed included.
+        return watch_stream(reply, lambda end, error: self._release(gate, model, started))
 
     async def _wait(self, gate: _Gate, model: _ModelGate | None) -> None:
         """Queue up and return holding a slot, or raise the refusal (or the cancellation)."""
@@ -411,77 +411,3 @@ class Concurrency:
                 }
             detail[name] = entry
         return {"upstreams": detail}
-
-
-class _HeldStream(AsyncGenerator[bytes, None]):
-    """A streamed reply's chunks that hold a concurrency slot until the stream ends.
-
-    `watch_stream` reports how the stream ended (complete, failed, abandoned).
-    This thin layer on top makes the release independent of that helper's
-    internals: `aclose()` frees the slot even if the stream never started (an
-    `async def` generator closed before its first chunk runs no `finally`, a
-    bug the old `watch_stream` had), and so does garbage collection of a reply
-    that an outer step dropped without closing it. A slot is freed exactly
-    once. Each chunk costs one plain method call: `__anext__` hands out the
-    inner awaitable rather than wrapping it in a coroutine of its own.
-    """
-
-    __slots__ = ("_done", "_gate", "_inner", "_model", "_policy", "_started")
-
-    def __init__(
-        self, policy: Concurrency, gate: _Gate, model: _ModelGate | None, started: float
-    ) -> None:
-        self._policy = policy
-        self._gate = gate
-        self._model = model
-        self._started = started
-        self._done = False
-        self._inner: AsyncGenerator[bytes, None] | None = None
-
-    @classmethod
-    def hold(
-        cls,
-        reply: Reply,
-        policy: Concurrency,
-        gate: _Gate,
-        model: _ModelGate | None,
-        started: float,
-    ) -> Reply:
-        held = cls(policy, gate, model, started)
-        watched = watch_stream(reply, held._on_end)  # a copy of the reply: ours to change
-        assert watched.chunks is not None
-        held._inner = watched.chunks
-        watched.chunks = held
-        return watched
-
-    def _on_end(self, end: StreamEnd, error: StreamInterrupted | None) -> None:
-        if not self._done:
-            self._done = True
-            self._policy._release(self._gate, self._model, self._started)
-
-    def __anext__(self) -> Coroutine[Any, Any, bytes]:
-        # asend(None), not __anext__(): on a class-based generator the ABC's
-        # __anext__ is a coroutine around asend, one more frame per chunk.
-        assert self._inner is not None
-        return self._inner.asend(None)
-
-    def asend(self, value: None) -> Coroutine[Any, Any, bytes]:
-        assert self._inner is not None
-        return self._inner.asend(value)
-
-    def athrow(self, *args: Any) -> Coroutine[Any, Any, bytes]:
-        assert self._inner is not None
-        return self._inner.athrow(*args)
-
-    async def aclose(self) -> None:
-        try:
-            if self._inner is not None:
-                await self._inner.aclose()
-        finally:
-            self._on_end("abandoned", None)
-
-    def __del__(self) -> None:
-        if not self._done:
-            # RuntimeError: the loop is already closed, so nobody is left to wait.
-            with contextlib.suppress(RuntimeError):
-                self._on_end("abandoned", None)

@@ -92,6 +92,12 @@ class WatchedChunks(AsyncGenerator[bytes, None]):
             if self._on_end is not None:
                 self._on_end(how, error)
 
+    def __del__(self) -> None:
+        # Last resort: a step that dropped the reply without closing it must not
+        # keep what the watcher holds (a concurrency slot, a breaker's probe).
+        if not self._ended:
+            self._end("abandoned", None)
+
 
 def watch_stream(reply: Reply, on_end: OnEnd) -> Reply:
     """The same reply, calling `on_end` once when its stream ends (see WatchedChunks).
