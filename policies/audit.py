@@ -56,6 +56,7 @@ from sidecar.chain import Next, PolicyContext, register
 from sidecar.config import ByteSize, Duration
 from sidecar.errors import SidecarError, StreamInterrupted
 from sidecar.exchange import Exchange, Reply
+from sidecar.observability import BatchedLines
 from sidecar.replies import StreamEnd, watch_stream
 from sidecar.tokens import completion_text
 
@@ -147,8 +148,8 @@ class AuditConfig(BaseModel):
         return self
 
 
-class LineSink:
-    """Buffers lines and writes them in batches: every `interval`, at `max_buffer` bytes, on close.
+class LineSink(BatchedLines):
+    """Audit lines in batches (every `interval`, at `max_buffer` bytes, on close).
 
     With a `path`, appends to that file and rotates it by size as
     RotatingFileHandler does; without, writes to the process's stdout.
@@ -165,16 +166,12 @@ class LineSink:
         on_written: Any,
         on_error: Any,
     ) -> None:
+        super().__init__(interval, max_buffer)
         self.path = path
         self.max_bytes = max_bytes
         self.backups = backups
-        self._interval = interval
-        self._max_buffer = max_buffer
         self._on_written = on_written
         self._on_error = on_error
-        self._buffer = bytearray()
-        self._lines = 0
-        self._timer: asyncio.TimerHandle | None = None
         self._file: IO[bytes] | None = None
         self._size = 0
 
@@ -196,29 +193,9 @@ class LineSink:
         self._size = handle.tell()
 
     def write(self, line: bytes) -> None:
-        buffer = self._buffer
-        buffer += line
-        buffer += b"\n"
-        self._lines += 1
-        if len(buffer) >= self._max_buffer:
-            self.flush()
-        elif self._timer is None:
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:
-                self.flush()
-                return
-            self._timer = loop.call_later(self._interval, self.flush)
+        self.add(line)
 
-    def flush(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if not self._buffer:
-            return
-        data, lines = bytes(self._buffer), self._lines
-        del self._buffer[:]
-        self._lines = 0
+    def _write_batch(self, data: bytes, lines: int) -> None:
         try:
             if self.path is None:
                 stream: BinaryIO = sys.stdout.buffer

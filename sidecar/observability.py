@@ -73,30 +73,31 @@ def _serialise(value: Any, **_: Any) -> bytes:
     return orjson.dumps(value, default=str)
 
 
-class CoalescingLineWriter:
-    """structlog's output: info lines are written in batches, warnings at once.
+class BatchedLines:
+    """Lines buffered and written in batches: every `interval`, at `max_bytes`, on `flush`.
 
-    A write (and an event-loop turn to make it) per access line costs more than
-    the line itself; batching them, as nginx's `access_log ... flush=` does,
-    writes at most every `interval` or every `max_bytes`. Warnings and errors,
-    and every line outside a running loop (start-up, shutdown, the CLI), are
-    written at once. The cost: a crash can lose the last `interval` of info lines.
+    A write (and an event-loop turn to make it) per line costs more than the line
+    itself; batching them, as nginx's `access_log ... flush=` does, writes at most
+    every `interval`. Outside a running loop every line is written at once. The
+    cost: a crash can lose the last `interval` of lines. Subclasses say where a
+    batch goes (`_write_batch`).
     """
 
-    def __init__(self, stream: BinaryIO, interval: float = 0.1, max_bytes: int = 64 * 1024) -> None:
-        self._stream = stream
+    def __init__(self, interval: float, max_bytes: int) -> None:
         self._interval = interval
         self._max_bytes = max_bytes
         # Lines are copied into one buffer at once rather than kept as objects:
         # keeping hundreds of small objects alive until the flush measurably
         # slowed every request (fresh memory instead of the blocks just freed).
         self._buffer = bytearray()
+        self._lines = 0
         self._timer: asyncio.TimerHandle | None = None
 
-    def msg(self, message: bytes) -> None:
+    def add(self, line: bytes) -> None:
         buffer = self._buffer
-        buffer += message
+        buffer += line
         buffer += b"\n"
+        self._lines += 1
         if len(buffer) >= self._max_bytes:
             self.flush()
         elif self._timer is None:
@@ -107,27 +108,45 @@ class CoalescingLineWriter:
                 return
             self._timer = loop.call_later(self._interval, self.flush)
 
-    def msg_now(self, message: bytes) -> None:
-        self._buffer += message
-        self._buffer += b"\n"
-        self.flush()
-
-    log = debug = info = msg
-    warn = warning = error = err = critical = exception = fatal = msg_now
-
     def flush(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         if not self._buffer:
             return
+        data, lines = bytes(self._buffer), self._lines
+        del self._buffer[:]
+        self._lines = 0
+        self._write_batch(data, lines)
+
+    def _write_batch(self, data: bytes, lines: int) -> None:
+        raise NotImplementedError
+
+
+class CoalescingLineWriter(BatchedLines):
+    """structlog's output: info lines go out in batches, warnings and errors at once."""
+
+    def __init__(self, stream: BinaryIO, interval: float = 0.1, max_bytes: int = 64 * 1024) -> None:
+        super().__init__(interval, max_bytes)
+        self._stream = stream
+
+    def msg(self, message: bytes) -> None:
+        self.add(message)
+
+    def msg_now(self, message: bytes) -> None:
+        self.add(message)
+        self.flush()
+
+    log = debug = info = msg
+    warn = warning = error = err = critical = exception = fatal = msg_now
+
+    def _write_batch(self, data: bytes, lines: int) -> None:
         try:
-            self._stream.write(self._buffer)
+            self._stream.write(data)
             self._stream.flush()
         except (OSError, ValueError):
             # A closed or broken stdout must not take requests down with it.
             pass
-        del self._buffer[:]
 
 
 _writer: CoalescingLineWriter | None = None
