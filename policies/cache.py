@@ -672,6 +672,18 @@ class ResponseCache:
         if reply.chunks is None:
             await self._release(flight)
             return Reply(reply.status, headers, body=reply.body)
+        pace = self.config.replay_pace
+        if pace is not None and flight.done and flight.error is None:
+            # The whole stream is already known (a call that just ended, or another pod's
+            # stored entry): a replay like any other hit, paced the same way.
+            await self._release(flight)
+            events = split_events(b"".join(flight.chunks), reply.stream_format)
+            return Reply(
+                reply.status,
+                headers,
+                chunks=ReplayChunks(events, pace),
+                stream_format=reply.stream_format,
+            )
         return Reply(
             reply.status,
             headers,
