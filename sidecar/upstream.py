@@ -1,9 +1,9 @@
-"""The pooled client to Ollama: the innermost step of the chain.
+"""The client to Ollama: the innermost step of the chain.
 
-One long-lived ClientSession keeps connections alive between requests. A
-request that dies on a pooled connection before any response byte (the
-upstream closed an idle keep-alive connection just as the request went out)
-is sent once more on a connection opened for it alone.
+Requests go out over sidecar/http1.py's keep-alive pools (one per upstream base
+URL). A request that dies on a reused connection before any answer byte (the
+upstream closed an idle keep-alive connection just as the request went out, so
+nothing was processed) is sent once more on a connection opened for it alone.
 """
 
 from __future__ import annotations
@@ -13,35 +13,29 @@ from collections.abc import AsyncGenerator, Awaitable
 from time import perf_counter
 from typing import Any
 
-import aiohttp
+import orjson
 import structlog
-from multidict import CIMultiDict, CIMultiDictProxy
-from yarl import URL
 
 from sidecar.config import UpstreamSettings
 from sidecar.deadlines import DeadlineWatch
 from sidecar.errors import StreamInterrupted, UpstreamError
 from sidecar.exchange import AttemptEnd, AttemptObserver, Exchange, Reply, StreamFormat
+from sidecar.http1 import (
+    HOP_BY_HOP,
+    Connection,
+    Origin,
+    Pool,
+    Unreachable,
+    UpstreamClosed,
+    UpstreamProtocolError,
+    encode_request,
+)
 from sidecar.observability import Metrics
 from sidecar.replies import StreamEnd, WatchedChunks
 from sidecar.streams import end_check, stream_format_of
 
 log = structlog.get_logger("sidecar.upstream")
 
-# RFC 9110 §7.6.1 hop-by-hop headers, plus what the sidecar sets itself.
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    }
-)
 _NOT_FORWARDED_UP = HOP_BY_HOP | {
     "host",
     "content-length",
@@ -50,43 +44,10 @@ _NOT_FORWARDED_UP = HOP_BY_HOP | {
     "expect",
 }
 _NOT_FORWARDED_UP_NOR_AUTH = _NOT_FORWARDED_UP | {"authorization"}
-_NOT_FORWARDED_DOWN = HOP_BY_HOP | {"content-length", "content-encoding"}
 
 
-def _drop(headers: CIMultiDict[str], names: frozenset[str]) -> None:
-    """Remove `names`, and every header the Connection header names (RFC 9110 §7.6.1)."""
-    connection = headers.get("Connection")
-    for name in names:
-        if name in headers:
-            del headers[name]
-    if connection:
-        for token in connection.split(","):
-            headers.popall(token.strip(), None)
-
-
-def outgoing_headers(
-    client_headers: CIMultiDictProxy[str], extra: CIMultiDict[str], forward_authorization: bool
-) -> CIMultiDict[str]:
-    """The client's end-to-end headers for the upstream, plus what policies added.
-
-    Copied whole and trimmed (a C-level copy and a few lookups) rather than
-    filtered header by header in Python.
-    """
-    headers = CIMultiDict(client_headers)
-    _drop(headers, _NOT_FORWARDED_UP if forward_authorization else _NOT_FORWARDED_UP_NOR_AUTH)
-    # No compression inside the pod: it costs CPU on both sides and would hide
-    # the bytes from policies that watch them.
-    headers["Accept-Encoding"] = "identity"
-    if extra:
-        headers.update(extra)
-    return headers
-
-
-def incoming_headers(upstream_headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    """The upstream's end-to-end response headers for the client."""
-    headers = CIMultiDict(upstream_headers)
-    _drop(headers, _NOT_FORWARDED_DOWN)
-    return headers
+def _is_stream(content_type: str | None) -> bool:
+    return stream_format_of(content_type) is not None
 
 
 class Upstream:
@@ -98,47 +59,34 @@ class Upstream:
         self.settings = settings
         self.base_url = settings.url
         self._metrics = metrics
-        self._session: aiohttp.ClientSession | None = None
-        self._fresh_session: aiohttp.ClientSession | None = None
         self._deadlines = deadlines
-        self._urls: dict[str, URL] = {}
+        self._pools: dict[str, Pool] = {}
         self._timeouts = {route: settings.timeouts_for(route) for route in settings.route_timeouts}
-        self._connect_timeouts = {
-            route: aiohttp.ClientTimeout(total=None, sock_connect=timeouts.connect)
-            for route, timeouts in self._timeouts.items()
-        }
-        self._default_connect_timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=settings.timeouts.connect
+        self._drop = (
+            _NOT_FORWARDED_UP if settings.forward_authorization else _NOT_FORWARDED_UP_NOR_AUTH
         )
+        self._started = False
 
     async def start(self) -> None:
-        """Open the pools; needs the running loop, hence not in __init__."""
-        timeouts = self.settings.timeouts
-        client_timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeouts.connect)
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(
-                limit=self.settings.max_connections,
-                limit_per_host=0,
-                keepalive_timeout=self.settings.keepalive or None,
-                enable_cleanup_closed=False,
-            ),
-            timeout=client_timeout,
-            # Cookies from one client's answer must never ride on another client's request.
-            cookie_jar=aiohttp.DummyCookieJar(),
-            auto_decompress=True,
-            skip_auto_headers=("User-Agent",),
-        )
-        self._fresh_session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(force_close=True, limit=0),
-            timeout=client_timeout,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            skip_auto_headers=("User-Agent",),
-        )
+        """Pools open lazily, one per upstream base URL; this only marks the client usable."""
+        self._started = True
 
     async def close(self) -> None:
-        for session in (self._session, self._fresh_session):
-            if session is not None:
-                await session.close()
+        for pool in self._pools.values():
+            pool.close()
+        self._pools.clear()
+
+    def _pool(self, base: str) -> Pool:
+        pool = self._pools.get(base)
+        if pool is None:
+            pool = self._pools[base] = Pool(
+                Origin.parse(base),
+                self.settings.max_connections,
+                self.settings.keepalive,
+                _is_stream,
+                asyncio.get_running_loop(),
+            )
+        return pool
 
     def send(self, exchange: Exchange) -> Awaitable[Reply]:
         """Relay `exchange`; raise UpstreamError when no answer could be had.
@@ -170,44 +118,45 @@ class Upstream:
         return reply
 
     async def _send(self, exchange: Exchange, finish: AttemptEnd | None) -> Reply:
-        """One attempt. One timer, armed for `first_byte`, covers the whole exchange up to the
-        reply: Ollama sends a plain body's headers only once the answer is ready,
+        """One attempt. One deadline, armed for `first_byte`, covers the whole exchange up to
+        the reply: Ollama sends a plain body's headers only once the answer is ready,
         and the body right after them. The body must be a JSON object before it
         leaves: if no policy has parsed it yet, it is parsed here, once.
         """
-        assert self._session is not None and self._fresh_session is not None, "start() first"
+        assert self._started, "start() first"
         if exchange.route.json_body:
             exchange.json  # noqa: B018 - raises the 400 for a body that is not a JSON object
         loop = asyncio.get_running_loop()
         timeouts = self._timeouts.get(exchange.route.name, self.settings.timeouts)
         deadline = exchange.started_at + timeouts.total
         first_byte_deadline = min(loop.time() + timeouts.first_byte, deadline)
-        url = self._url(exchange.target or self.base_url, exchange.path, exchange.query_string)
-        headers = outgoing_headers(
-            exchange.headers, exchange.upstream_headers, self.settings.forward_authorization
-        )
-        data = exchange.body if exchange.body or exchange.method not in ("GET", "HEAD") else None
+        pool = self._pool(exchange.target or self.base_url)
+        method = exchange.method
+        body = exchange.body if exchange.body or method not in ("GET", "HEAD") else None
+        target = pool.origin.prefix + exchange.path
+        if exchange.query_string:
+            target = f"{target}?{exchange.query_string}"
+        try:
+            request = encode_request(
+                method,
+                target,
+                pool.origin.host_header,
+                exchange.headers,
+                self._drop,
+                exchange.upstream_headers,
+                body,
+            )
+        except ValueError as exc:
+            raise UpstreamError(500, f"cannot send the request upstream: {exc}") from None
+        rest = body if body is not None and len(request) < len(body) else None
         facts = exchange.facts
         sent_at = perf_counter()
-        response: aiohttp.ClientResponse | None = None
         try:
             with self._deadlines.deadline(first_byte_deadline):
-                response = await self._request(
-                    exchange.method,
-                    url,
-                    headers,
-                    data,
-                    self._connect_timeouts.get(exchange.route.name, self._default_connect_timeout),
+                connection = await self._roundtrip(
+                    pool, request, rest, method == "HEAD", timeouts.connect
                 )
-                ttfb = perf_counter() - sent_at
-                facts["upstream_ttfb"] = ttfb
-                self._metrics.for_route(exchange.route.name).ttfb.observe(ttfb)
-                stream_format: Any = stream_format_of(response.headers.get("Content-Type"))
-                if stream_format is None:
-                    body = await response.read()
         except TimeoutError:
-            if response is not None:
-                response.close()
             limit = "total" if deadline <= first_byte_deadline else "first_byte"
             raise self._failure(
                 exchange,
@@ -216,17 +165,15 @@ class Upstream:
                 "upstream_timeout",
                 f"did not answer in time ({limit} timeout)",
             ) from None
-        except aiohttp.ClientConnectorError as exc:
+        except Unreachable as exc:
             raise self._failure(
-                exchange,
-                502,
-                "unreachable",
-                "upstream_unreachable",
-                f"cannot be reached: {exc.strerror or exc}",
+                exchange, 502, "unreachable", "upstream_unreachable", f"cannot be reached: {exc}"
             ) from None
-        except (aiohttp.ClientError, ConnectionError) as exc:
-            if response is not None:
-                response.close()
+        except UpstreamProtocolError as exc:
+            raise self._failure(
+                exchange, 502, "disconnected", "upstream_disconnected", f"answered badly: {exc}"
+            ) from None
+        except ConnectionError as exc:
             raise self._failure(
                 exchange,
                 502,
@@ -234,40 +181,69 @@ class Upstream:
                 "upstream_disconnected",
                 f"closed the connection before its answer was complete: {exc.__class__.__name__}",
             ) from None
-        reply_headers = incoming_headers(response.headers)
-        if stream_format is None:
-            response.release()
+        ttfb = perf_counter() - sent_at
+        facts["upstream_ttfb"] = ttfb
+        self._metrics.for_route(exchange.route.name).ttfb.observe(ttfb)
+        if not connection.streaming:
+            reply_body = connection.body
+            pool.release(connection)
             facts["upstream_time"] = facts.get("upstream_time", 0.0) + perf_counter() - sent_at
-            return Reply(response.status, reply_headers, body=body)
+            return Reply(connection.status, connection.headers, body=reply_body)
+        stream_format: Any = stream_format_of(connection.content_type)
         started = [False]
-        stream = self._stream(response, exchange, stream_format, deadline, sent_at, finish, started)
+        stream = self._stream(
+            pool, connection, exchange, stream_format, deadline, sent_at, finish, started
+        )
 
         def closed_early(how: StreamEnd, error: StreamInterrupted | None) -> None:
             # Only matters when the stream is closed before its first read: then
             # the generator's own `finally` never runs and would leave these undone.
             if how == "abandoned" and not started[0]:
-                response.close()
+                connection.close()
+                pool.release(connection)
                 if finish is not None:
-                    finish(response.status, None)
+                    finish(connection.status, None)
 
         return Reply(
-            response.status,
-            reply_headers,
+            connection.status,
+            connection.headers,
             chunks=WatchedChunks(stream, closed_early),
             stream_format=stream_format,
         )
 
-    def _url(self, base: str, path: str, query_string: str) -> URL:
-        """The upstream URL; the few route paths are parsed once, not per request."""
-        if query_string:
-            return URL(f"{base}{path}?{query_string}", encoded=True)
-        key = base + path
-        url = self._urls.get(key)
-        if url is None:
-            url = URL(key, encoded=True)
-            if len(self._urls) < 1024:  # /v1/models/{id} paths are open-ended
-                self._urls[key] = url
-        return url
+    async def _roundtrip(
+        self,
+        pool: Pool,
+        request: bytes,
+        body: bytes | None,
+        head_only: bool,
+        connect_timeout: float,
+    ) -> Connection:
+        """Send on a pooled connection; resend once, fresh, if a reused one was already dead."""
+        connection = await pool.acquire(connect_timeout)
+        try:
+            return await connection.send(request, body, head_only)
+        except UpstreamClosed as exc:
+            if not (connection.reused and exc.before_response):
+                raise
+            reason = exc.__class__.__name__
+        except BaseException:
+            # Cancelled or timed out with the request out: its answer must never be read
+            # as the answer to the next request on this connection.
+            connection.close()
+            pool.release(connection)
+            raise
+        # The keep-alive race: the pooled connection was closed by the upstream
+        # as the request went out, so nothing was processed. Once more, fresh.
+        self._metrics.keepalive_resends.inc()
+        log.info("upstream_resend_fresh_connection", reason=reason)
+        connection = await pool.acquire(connect_timeout, fresh=True)
+        try:
+            return await connection.send(request, body, head_only)
+        except BaseException:
+            connection.close()
+            pool.release(connection)
+            raise
 
     def _failure(
         self, exchange: Exchange, status: int, reason: str, code: str, what: str
@@ -276,40 +252,10 @@ class Upstream:
         base = exchange.target or self.base_url
         return UpstreamError(status, f"the upstream at {base} {what}", code=code)
 
-    async def _request(
-        self,
-        method: str,
-        url: URL,
-        headers: CIMultiDict[str],
-        data: bytes | None,
-        connect_timeout: aiohttp.ClientTimeout,
-    ) -> aiohttp.ClientResponse:
-        assert self._session is not None and self._fresh_session is not None
-
-        def through(session: aiohttp.ClientSession) -> Awaitable[aiohttp.ClientResponse]:
-            return session.request(
-                method,
-                url,
-                headers=headers,
-                data=data,
-                allow_redirects=False,
-                timeout=connect_timeout,
-            )
-
-        try:
-            return await through(self._session)
-        except aiohttp.ClientConnectorError:
-            raise
-        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-            # The keep-alive race: the pooled connection was closed by the upstream
-            # as the request went out, so nothing was processed. Once more, fresh.
-            self._metrics.keepalive_resends.inc()
-            log.info("upstream_resend_fresh_connection", reason=exc.__class__.__name__)
-            return await through(self._fresh_session)
-
     async def _stream(
         self,
-        response: aiohttp.ClientResponse,
+        pool: Pool,
+        connection: Connection,
         exchange: Exchange,
         stream_format: StreamFormat,
         deadline: float,
@@ -326,7 +272,6 @@ class Upstream:
         """
         loop = asyncio.get_running_loop()
         idle = self._timeouts.get(exchange.route.name, self.settings.timeouts).idle
-        content = response.content
         check = end_check(exchange.route.stream_end, stream_format)
         waiting = self._deadlines.deadline(deadline)
         finished = False
@@ -334,26 +279,25 @@ class Upstream:
         started[0] = True
         try:
             while True:
-                chunk = content.read_nowait(-1)
-                if not chunk:
-                    if content.at_eof():
-                        break
-                    waiting.move(min(loop.time() + idle, deadline))
-                    try:
-                        with waiting:
-                            chunk = await content.readany()
-                    except TimeoutError:
-                        reason = "total" if loop.time() >= deadline else "idle"
-                        raise StreamInterrupted(
-                            f"the upstream stream stalled ({reason} timeout)",
-                            code="upstream_timeout",
-                        ) from None
-                    except (aiohttp.ClientError, ConnectionError) as exc:
-                        raise StreamInterrupted(
-                            f"the upstream connection broke mid-stream: {exc.__class__.__name__}"
-                        ) from None
+                try:
+                    chunk = connection.read_nowait()
                     if not chunk:
-                        break
+                        if connection.at_eof:
+                            break
+                        waiting.move(min(loop.time() + idle, deadline))
+                        with waiting:
+                            await connection.wait()
+                        continue
+                except TimeoutError:
+                    reason = "total" if loop.time() >= deadline else "idle"
+                    raise StreamInterrupted(
+                        f"the upstream stream stalled ({reason} timeout)",
+                        code="upstream_timeout",
+                    ) from None
+                except ConnectionError as exc:
+                    raise StreamInterrupted(
+                        f"the upstream connection broke mid-stream: {exc.__class__.__name__}"
+                    ) from None
                 if check is not None:
                     check.feed(chunk)
                 yield chunk
@@ -368,14 +312,13 @@ class Upstream:
             raise
         finally:
             if finish is not None:
-                finish(response.status, broken)
+                finish(connection.status, broken)
             exchange.facts["upstream_time"] = (
                 exchange.facts.get("upstream_time", 0.0) + perf_counter() - sent_at
             )
-            if finished:
-                response.release()
-            else:
-                response.close()
+            if not finished:
+                connection.close()
+            pool.release(connection)
 
     async def probe(self, within: float) -> str:
         """Check that the upstream answers at all; Ollama's version when it tells it.
@@ -383,13 +326,34 @@ class Upstream:
         Any answer below 500 counts as reachable, so an OpenAI-compatible server
         without Ollama's /api/version (llama.cpp's, say) still makes the pod ready.
         """
-        assert self._session is not None, "start() first"
+        assert self._started, "start() first"
+        pool = self._pool(self.base_url)
+        request = encode_request(
+            "GET",
+            pool.origin.prefix + "/api/version",
+            pool.origin.host_header,
+            {},
+            self._drop,
+            None,
+            None,
+        )
         async with asyncio.timeout(within):
-            async with self._session.get(self.base_url + "/api/version") as response:
-                if response.status >= 500:
-                    raise UpstreamError(502, f"GET /api/version answered {response.status}")
-                if response.status != 200:
-                    return "unknown"
-                document = await response.json(content_type=None)
+            connection = await self._roundtrip(
+                pool, request, None, False, self.settings.timeouts.connect
+            )
+            if connection.streaming:  # not what /api/version answers; do not read on
+                connection.close()
+                pool.release(connection)
+                return "unknown"
+            status, body = connection.status, connection.body
+            pool.release(connection)
+        if status >= 500:
+            raise UpstreamError(502, f"GET /api/version answered {status}")
+        if status != 200:
+            return "unknown"
+        try:
+            document = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return "unknown"
         version = document.get("version") if isinstance(document, dict) else None
         return str(version or "unknown")

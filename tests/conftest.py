@@ -10,6 +10,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+import uvloop
 
 from sidecar import observability
 from sidecar.app import Sidecar
@@ -19,6 +20,13 @@ from tests.redis_server import RedisServer, RedisServerMissing
 
 SidecarFactory = Callable[..., Awaitable[Sidecar]]
 JsonLogs = Callable[[], list[dict[str, Any]]]
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """Tests run on uvloop, as `ollama-sidecar serve` does, so loop differences show here."""
+    return {"uvloop": uvloop.new_event_loop}
 
 
 @pytest.fixture
