@@ -29,13 +29,14 @@ from collections.abc import Callable, Hashable
 from typing import Any, ClassVar
 
 import structlog
-from prometheus_client import Counter, Gauge
+from prometheus_client import Gauge
 from pydantic import BaseModel, ConfigDict, Field
 
 from sidecar.chain import Next, PolicyContext, register
 from sidecar.config import Duration
 from sidecar.errors import SidecarError, StreamInterrupted
 from sidecar.exchange import Exchange, Reply
+from sidecar.lean_metrics import LeanCounter
 from sidecar.outcomes import upstream_failure
 from sidecar.replies import StreamEnd, watch_stream
 
@@ -334,12 +335,12 @@ class CircuitBreaker:
             "Circuit breaker state: 0 closed, 1 half-open, 2 open.",
             ("breaker",),
         )
-        self.transitions: Counter = metrics.counter(
+        self.transitions: LeanCounter = metrics.counter(
             "circuit_transitions_total",
             "Circuit breaker state changes, by the state entered.",
             ("breaker", "to"),
         )
-        self.rejections: Counter = metrics.counter(
+        self.rejections: LeanCounter = metrics.counter(
             "circuit_rejections_total",
             "Requests answered 503 circuit_open without asking the upstream.",
             ("breaker",),

@@ -15,8 +15,9 @@ from typing import Any, BinaryIO, TypeVar
 
 import orjson
 import structlog
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client import CollectorRegistry, Gauge, generate_latest
+
+from sidecar.lean_metrics import LeanCounter, LeanHistogram
 
 PREFIX = "ollama_sidecar_"
 
@@ -45,7 +46,7 @@ OVERHEAD_BUCKETS = (
 )
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
 
-_MetricT = TypeVar("_MetricT", bound=MetricWrapperBase)
+_MetricT = TypeVar("_MetricT", LeanCounter, LeanHistogram, Gauge)
 
 
 class IsoTimestamp:
@@ -275,7 +276,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self._by_name: dict[str, MetricWrapperBase] = {}
+        self._by_name: dict[str, LeanCounter | LeanHistogram | Gauge] = {}
         self._routes: dict[str, RouteMetrics] = {}
         self.requests = self.counter(
             "requests_total",
@@ -324,16 +325,16 @@ class Metrics:
             found = self._routes[route] = RouteMetrics(self, route)
         return found
 
-    def counter(self, name: str, documentation: str, labels: tuple[str, ...]) -> Counter:
-        return self._get_or_create(Counter, name, documentation, labels)
+    def counter(self, name: str, documentation: str, labels: tuple[str, ...]) -> LeanCounter:
+        return self._get_or_create(LeanCounter, name, documentation, labels)
 
     def gauge(self, name: str, documentation: str, labels: tuple[str, ...]) -> Gauge:
         return self._get_or_create(Gauge, name, documentation, labels)
 
     def histogram(
         self, name: str, documentation: str, labels: tuple[str, ...], buckets: tuple[float, ...]
-    ) -> Histogram:
-        return self._get_or_create(Histogram, name, documentation, labels, buckets=buckets)
+    ) -> LeanHistogram:
+        return self._get_or_create(LeanHistogram, name, documentation, labels, buckets=buckets)
 
     def _get_or_create(
         self,
