@@ -14,7 +14,18 @@ Routes:
   separate write and a separate HTTP chunk.
 * ``POST /api/chat``: Ollama NDJSON stream of N lines, the last with
   ``"done":true`` (a single JSON object when the body has ``"stream": false``).
-* ``POST /v1/embeddings`` and ``POST /api/embed``: embeddings JSON.
+* ``POST /v1/embeddings`` and ``POST /api/embed``: embeddings JSON, one vector
+  per input (a list ``input`` is parsed to count it; a string is not parsed).
+* ``POST /bench/release``: every stream held by ``X-Bench-Hold`` gets the rest of
+  its events now; ``GET /bench/held``: how many streams are held (JSON).
+
+Request headers the benchmark sends to shape an answer (a proxy passes them on):
+
+* ``X-Bench-Chunk-Delay-Ms: D``: pause D ms between stream events (paced streams);
+* ``X-Bench-Chunks: N``: N events in this stream instead of ``--chunks``;
+* ``X-Bench-Hold: 1``: send the head and the first event, then hold the stream
+  until ``POST /bench/release`` (or ``--hold-max-s``): open streams that cost
+  the proxy memory but no CPU.
 * ``GET /api/version``, ``GET /api/tags``, ``GET /v1/models``, ``GET /``: small
   JSON or text, so a sidecar that probes its upstream finds what it expects.
 
@@ -44,6 +55,7 @@ CREATED_AT = "2026-11-25T08:00:00.000000Z"
 STREAM_RE = re.compile(rb'"stream"\s*:\s*true')
 NO_STREAM_RE = re.compile(rb'"stream"\s*:\s*false')
 INCLUDE_USAGE_RE = re.compile(rb'"include_usage"\s*:\s*true')
+LIST_INPUT_RE = re.compile(rb'"input"\s*:\s*\[')
 MAX_HEAD = 64 * 1024
 
 
@@ -191,6 +203,76 @@ def build_responses(chunks: int) -> dict[str, object]:
     }
 
 
+def embeddings_for(n: int, native: bool) -> bytes:
+    """An embeddings answer with ``n`` vectors (built once per n and shape)."""
+    key = (n, native)
+    cached = _EMBED_CACHE.get(key)
+    if cached is None:
+        vector = [round((i % 17) / 17 - 0.5, 6) for i in range(64)]
+        body: dict[str, object]
+        if native:
+            body = {"model": MODEL, "embeddings": [vector] * n, "prompt_eval_count": 5 * n}
+        else:
+            body = {
+                "object": "list",
+                "data": [
+                    {"object": "embedding", "index": i, "embedding": vector} for i in range(n)
+                ],
+                "model": MODEL,
+                "usage": {"prompt_tokens": 5 * n, "total_tokens": 5 * n},
+            }
+        cached = _EMBED_CACHE[key] = _response(
+            "200 OK", "application/json; charset=utf-8", _dumps(body)
+        )
+    return cached
+
+
+_EMBED_CACHE: dict[tuple[int, bool], bytes] = {}
+
+
+def _list_inputs(body: bytes) -> int:
+    """How many inputs a body with a list ``input`` carries (0: not a list, or bad JSON)."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return 0
+    inp = data.get("input") if isinstance(data, dict) else None
+    return len(inp) if isinstance(inp, list) and inp else 0
+
+
+def _header_value(head: bytes, name: bytes) -> bytes | None:
+    """The value of header ``name`` (lower case, with its leading CRLF) in a lower-cased head."""
+    i = head.find(name)
+    if i < 0:
+        return None
+    j = head.find(b"\r\n", i + 2)
+    return head[i + len(name) : j if j >= 0 else None].strip()
+
+
+class Shared:
+    """What every connection of one server shares: responses by event count, held streams."""
+
+    def __init__(self, chunks: int, delay_s: float, hold_max_s: float) -> None:
+        self.chunks = chunks
+        self.delay = delay_s
+        self.hold_max_s = hold_max_s
+        self.by_chunks: dict[int, dict[str, object]] = {chunks: build_responses(chunks)}
+        self.held: set[UpstreamProtocol] = set()
+
+    def responses(self, chunks: int) -> dict[str, object]:
+        r = self.by_chunks.get(chunks)
+        if r is None:
+            r = self.by_chunks[chunks] = build_responses(chunks)
+        return r
+
+    def release(self) -> int:
+        held = list(self.held)
+        self.held.clear()
+        for proto in held:
+            proto.release()
+        return len(held)
+
+
 class UpstreamProtocol(asyncio.Protocol):
     """One client connection: parse requests from a buffer, answer in order.
 
@@ -199,11 +281,26 @@ class UpstreamProtocol(asyncio.Protocol):
     spreads a stream over several loop iterations.
     """
 
-    __slots__ = ("buf", "busy", "close_after", "continued", "delay", "loop", "r", "transport")
+    __slots__ = (
+        "buf",
+        "busy",
+        "close_after",
+        "continued",
+        "delay",
+        "held_frames",
+        "hold_timer",
+        "loop",
+        "r",
+        "shared",
+        "transport",
+    )
 
-    def __init__(self, responses: dict[str, object], delay_s: float) -> None:
-        self.r = responses
-        self.delay = delay_s
+    def __init__(self, shared: Shared) -> None:
+        self.shared = shared
+        self.r = shared.responses(shared.chunks)
+        self.delay = shared.delay
+        self.held_frames: list[bytes] | None = None
+        self.hold_timer: asyncio.TimerHandle | None = None
         self.buf = bytearray()
         self.busy = False
         self.close_after = False
@@ -217,6 +314,9 @@ class UpstreamProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        self.shared.held.discard(self)
+        if self.hold_timer is not None:
+            self.hold_timer.cancel()
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
@@ -284,6 +384,10 @@ class UpstreamProtocol(asyncio.Protocol):
             return
         method, target = parts[0], parts[1].split(b"?", 1)[0]
         r = self.r
+        if b"\r\nx-bench-chunks:" in head:
+            value = _header_value(head, b"\r\nx-bench-chunks:")
+            if value is not None and value.isdigit() and 0 < int(value) <= 100_000:
+                r = self.shared.responses(int(value))
         assert self.transport is not None
         write = self.transport.write
         if method == b"post":
@@ -301,12 +405,22 @@ class UpstreamProtocol(asyncio.Protocol):
                     self._stream(head, r["nd_head"], r["nd"])  # type: ignore[arg-type]
                 return
             if target == b"/v1/embeddings":
-                write(r["embeddings"])  # type: ignore[arg-type]
+                n = _list_inputs(body) if LIST_INPUT_RE.search(body) else 0
+                write(embeddings_for(n, native=False) if n else r["embeddings"])  # type: ignore[arg-type]
                 return
             if target in (b"/api/embed", b"/api/embeddings"):
-                write(r["ollama_embed"])  # type: ignore[arg-type]
+                n = _list_inputs(body) if LIST_INPUT_RE.search(body) else 0
+                write(embeddings_for(n, native=True) if n else r["ollama_embed"])  # type: ignore[arg-type]
+                return
+            if target == b"/bench/release":
+                n = self.shared.release()
+                write(_response("200 OK", "application/json", b'{"released":%d}' % n))
                 return
         elif method in (b"get", b"head"):
+            if target == b"/bench/held":
+                n = len(self.shared.held)
+                write(_response("200 OK", "application/json", b'{"held":%d}' % n))
+                return
             key = {
                 b"/api/version": "version",
                 b"/api/tags": "tags",
@@ -332,6 +446,9 @@ class UpstreamProtocol(asyncio.Protocol):
             j = req_head.find(b"\r\n", i + 2)
             with contextlib.suppress(ValueError):
                 delay = float(req_head[i + 25 : j if j >= 0 else None]) / 1000.0
+        if b"\r\nx-bench-hold:" in req_head:
+            self._hold(head, frames)
+            return
         if delay <= 0:
             write = self.transport.write
             write(head)
@@ -352,6 +469,37 @@ class UpstreamProtocol(asyncio.Protocol):
             return
         if i + 1 == len(frames) - 1:
             self.transport.write(frames[i + 1])
+        self.busy = False
+        if self.close_after:
+            self.transport.close()
+            return
+        if self.buf:
+            self._parse()
+
+    def _hold(self, head: bytes, frames: list[bytes]) -> None:
+        """Write the head and the first event, keep the rest until released."""
+        assert self.transport is not None
+        self.busy = True
+        self.transport.write(head)
+        self.transport.write(frames[0])
+        self.held_frames = frames[1:]
+        self.shared.held.add(self)
+        self.hold_timer = self.loop.call_later(self.shared.hold_max_s, self._hold_expired)
+
+    def _hold_expired(self) -> None:
+        self.hold_timer = None
+        self.shared.held.discard(self)
+        self.release()
+
+    def release(self) -> None:
+        """Send the rest of a held stream back to back, then serve what is queued."""
+        frames, self.held_frames = self.held_frames, None
+        if self.hold_timer is not None:
+            self.hold_timer.cancel()
+            self.hold_timer = None
+        if frames is None or self.transport is None:
+            return
+        self.transport.writelines(frames)
         self.busy = False
         if self.close_after:
             self.transport.close()
@@ -391,15 +539,15 @@ def _read_chunked(buf: bytearray, pos: int) -> tuple[bytes, int] | bool | None:
         pos += size + 2
 
 
-async def serve(host: str, port: int, chunks: int, delay_ms: float) -> None:
+async def serve(host: str, port: int, chunks: int, delay_ms: float, hold_max_s: float) -> None:
     """Serve until SIGTERM/SIGINT."""
     loop = asyncio.get_running_loop()
-    responses = build_responses(chunks)
+    shared = Shared(chunks, delay_ms / 1000.0, hold_max_s)
     server = await loop.create_server(
-        lambda: UpstreamProtocol(responses, delay_ms / 1000.0),
+        lambda: UpstreamProtocol(shared),
         host,
         port,
-        backlog=1024,
+        backlog=4096,
         reuse_address=True,
     )
     stop = loop.create_future()
@@ -421,12 +569,18 @@ def main(argv: list[str] | None = None) -> None:
         default=0.0,
         help="pause between stream events (0 = back to back, separate writes)",
     )
+    p.add_argument(
+        "--hold-max-s",
+        type=float,
+        default=300.0,
+        help="a stream held by X-Bench-Hold is released after this long at the latest",
+    )
     args = p.parse_args(argv)
     if args.chunks < 1:
         p.error("--chunks must be >= 1")
     runner = uvloop.run if uvloop is not None else asyncio.run
     with contextlib.suppress(KeyboardInterrupt):
-        runner(serve(args.host, args.port, args.chunks, args.chunk_delay_ms))
+        runner(serve(args.host, args.port, args.chunks, args.chunk_delay_ms, args.hold_max_s))
     sys.exit(0)
 
 

@@ -58,14 +58,26 @@ CHAT_BODY = {
     "temperature": 0.2,
 }
 KINDS = ("json", "sse", "ndjson")
+# Sent as "Authorization: Bearer <key>" on every request; configs/every-policy.yaml's
+# auth policy maps it to tenant "bench" (auth wants keys of 16 characters or more).
+BENCH_KEY = "bench-key-0123456789"
 DONE_RE = re.compile(rb'"done"\s*:\s*true')
 
 HEAD, BODY_CL, BODY_CHUNKED, BODY_EOF = range(4)
 
 
-def default_body(kind: str, path: str) -> bytes:
-    """The request body a scenario of this kind sends (stream flag set to match)."""
+def default_body(kind: str, path: str, inputs: int = 0) -> bytes:
+    """The request body a scenario of this kind sends (stream flag set to match).
+
+    Embeddings: one string ``input``, or with ``inputs`` > 0 a list of that many
+    (different) sentences, as a RAG ingestion batch sends them.
+    """
     if path.endswith("/embeddings") or path.endswith("/embed"):
+        if inputs > 0:
+            texts = [
+                f"chunk {i} of the document to embed, about a dozen words" for i in range(inputs)
+            ]
+            return orjson.dumps({"model": "llama3.2:1b", "input": texts})
         return orjson.dumps({"model": "llama3.2:1b", "input": "embed this sentence"})
     body: dict[str, Any] = dict(CHAT_BODY)
     if kind == "sse":
@@ -93,6 +105,7 @@ class Job:
     expect_events: int = 0  # SSE data events incl. [DONE] / NDJSON lines; 0 = don't check
     headers: list[str] = field(default_factory=list)  # extra "Name: value" lines
     min_latency_ms: float = 0.0  # a faster answer means pacing was lost on the way
+    notify_first: bool = False  # worker: print {"event": "all_first"} once every request has begun
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Job:
@@ -111,7 +124,7 @@ class Job:
             f"Host: {self.host}:{self.port}\r\n"
             "User-Agent: ollama-sidecar-bench/1\r\n"
             "Accept: application/json\r\n"
-            "Authorization: Bearer ollama\r\n"
+            f"Authorization: Bearer {BENCH_KEY}\r\n"
         )
         head += "".join(h + "\r\n" for h in self.headers)
         if self.body or self.method in ("POST", "PUT", "PATCH"):
@@ -140,6 +153,13 @@ class Run:
     reconnects: int = 0
     conns: set[Conn] = field(default_factory=set)
     client_closes: bool = False  # the job sends "Connection: close": one request per connection
+    first_seen: int = 0  # requests whose first body bytes arrived
+    on_all_first: Any = None  # called once when first_seen reaches job.requests
+
+    def first_bytes(self) -> None:
+        self.first_seen += 1
+        if self.first_seen == self.job.requests and self.on_all_first is not None:
+            self.on_all_first()
 
     def take(self) -> bool:
         """Claim the next request slot, or say the job is over."""
@@ -267,6 +287,8 @@ class Conn(asyncio.Protocol):
                     self.state = BODY_EOF
         if buf and not self.t_first:
             self.t_first = now
+            if self.run.on_all_first is not None:
+                self.run.first_bytes()
         if self.state == BODY_CL:
             if len(buf) >= self.remaining:
                 body = bytes(buf[: self.remaining])
@@ -378,7 +400,12 @@ def _cpu_s() -> float:
 
 
 async def run_job(job: Job) -> dict[str, Any]:
-    """Run one job to completion (or its timeout) and return raw figures."""
+    """Run one job to completion (or its timeout) and return raw figures.
+
+    With ``job.notify_first`` an ``{"event": "all_first"}`` line goes to stdout as
+    soon as every request has its first body bytes (the runner's open_streams
+    waits for it, samples the target's memory, then releases the streams).
+    """
     loop = asyncio.get_running_loop()
     run = Run(
         job=job,
@@ -388,6 +415,8 @@ async def run_job(job: Job) -> dict[str, Any]:
         done=loop.create_future(),
         client_closes=any(h.lower().replace(" ", "") == "connection:close" for h in job.headers),
     )
+    if job.notify_first:
+        run.on_all_first = _notify_all_first
     cpu0, t0 = _cpu_s(), perf_ns()
     n_conn = max(1, min(job.connections, job.requests))
     for _ in range(n_conn):
@@ -422,7 +451,13 @@ async def run_job(job: Job) -> dict[str, Any]:
         "lat_us": run.lat_us,
         "ttfc_us": run.ttfc_us,
         "spread_us": run.spread_us,
+        "first_seen": run.first_seen,
     }
+
+
+def _notify_all_first() -> None:
+    sys.stdout.buffer.write(b'{"event":"all_first"}\n')
+    sys.stdout.flush()
 
 
 def percentile(sorted_values: list[int] | list[float], q: float) -> float:
