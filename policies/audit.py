@@ -44,7 +44,6 @@ import re
 import sys
 import time
 from collections.abc import AsyncGenerator
-from dataclasses import replace
 from types import TracebackType
 from typing import IO, Any, BinaryIO, ClassVar, Literal
 
@@ -422,7 +421,7 @@ class Audit:
         capture: _Capture | None = None
         if self.config.include_bodies:
             capture = _Capture(reply.chunks, self.config.max_body_bytes + REDACT_MARGIN)
-            reply = replace(reply, chunks=capture)
+            reply = reply.with_chunks(capture)
         status = reply.status
         stream_format = reply.stream_format or "sse"
 

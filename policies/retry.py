@@ -31,7 +31,7 @@ failures passed on without one.
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Callable, Generator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
 import backoff
@@ -190,7 +190,7 @@ class _Failure:
             raise self.error
         assert self.reply is not None
         if self.broken is not None:
-            return replace(self.reply, chunks=_broken_stream(self.broken))
+            return self.reply.with_chunks(_broken_stream(self.broken))
         return self.reply
 
     async def discard(self) -> None:

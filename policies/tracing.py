@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import importlib.util
 import time
-from dataclasses import replace
 from typing import Any, ClassVar, Literal
 
 import orjson
@@ -133,7 +132,7 @@ class Tracing:
             _usage_from_body(span, reply.body, reply.status)
             self._finish(span, reply.status, None, exchange)
             return reply
-        return replace(reply, chunks=self._traced(reply, span, started, exchange))
+        return reply.with_chunks(self._traced(reply, span, started, exchange))
 
     def _attempts_of(self, parent: Any) -> Any:
         trace = self._trace

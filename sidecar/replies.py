@@ -12,8 +12,7 @@ a concurrency slot.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Callable
-from dataclasses import replace
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
 from types import TracebackType
 from typing import Any, Literal
 
@@ -31,30 +30,56 @@ class WatchedChunks(AsyncGenerator[bytes, None]):
     "abandoned": it was closed (or raised anything else) before its end, also
     when that happens before the first chunk. `first` is a chunk already read
     from `inner` (see peek_first_chunk), given out before the rest.
+
+    Policies that only watch a stream add themselves to the watched stream
+    (`watch`, `put_back`) instead of wrapping it again: every layer is a call
+    per chunk, and in the default chain three watchers sat on one stream.
     """
 
-    __slots__ = ("_ended", "_first", "_inner", "_on_end", "_on_first")
+    __slots__ = ("_ended", "_error", "_first", "_how", "_inner", "_on_end", "_on_first")
 
     def __init__(
         self,
-        inner: AsyncGenerator[bytes, None],
+        inner: AsyncGenerator[bytes, None] | None,
         on_end: OnEnd | None = None,
         *,
         first: bytes | None = None,
         on_first: Callable[[], None] | None = None,
     ) -> None:
         self._inner = inner
-        self._on_end = on_end
+        self._on_end: list[OnEnd] = [] if on_end is None else [on_end]
         self._first = first
         self._on_first = on_first
         self._ended = False
+        self._how: StreamEnd = "abandoned"
+        self._error: StreamInterrupted | None = None
+
+    def watch(self, on_end: OnEnd) -> None:
+        """Call `on_end` too when the stream ends (at once if it already has)."""
+        if self._ended:
+            on_end(self._how, self._error)
+        else:
+            self._on_end.append(on_end)
+
+    def put_back(self, chunk: bytes) -> None:
+        """Give `chunk` (just read from this stream) out again first."""
+        assert self._first is None, "one chunk at a time"
+        self._first = chunk
+
+    def _pull(self) -> Awaitable[bytes]:
+        """The next chunk of what is watched (subclasses read their own source)."""
+        assert self._inner is not None
+        return self._inner.asend(None)
+
+    def __anext__(self) -> Coroutine[Any, Any, bytes]:
+        return self.asend(None)
 
     async def asend(self, value: None) -> bytes:
         if self._first is not None:
             chunk, self._first = self._first, None
         else:
             try:
-                chunk = await self._inner.asend(value)
+                chunk = await self._pull()
             except StopAsyncIteration:
                 self._end("complete", None)
                 raise
@@ -76,21 +101,27 @@ class WatchedChunks(AsyncGenerator[bytes, None]):
         tb: TracebackType | None = None,
     ) -> bytes:
         try:
+            if self._inner is None:
+                raise typ if val is None else val
             return await self._inner.athrow(typ, val, tb)
         finally:
             self._end("abandoned", None)
 
     async def aclose(self) -> None:
         try:
-            await self._inner.aclose()
+            if self._inner is not None:
+                await self._inner.aclose()
         finally:
             self._end("abandoned", None)
 
     def _end(self, how: StreamEnd, error: StreamInterrupted | None) -> None:
         if not self._ended:
             self._ended = True
-            if self._on_end is not None:
-                self._on_end(how, error)
+            self._how = how
+            self._error = error
+            for on_end in self._on_end:
+                on_end(how, error)
+            self._on_end = []
 
     def __del__(self) -> None:
         # Last resort: a step that dropped the reply without closing it must not
@@ -104,10 +135,14 @@ def watch_stream(reply: Reply, on_end: OnEnd) -> Reply:
 
     A reply with no stream ends at once, as "complete".
     """
-    if reply.chunks is None:
+    chunks = reply.chunks
+    if chunks is None:
         on_end("complete", None)
         return reply
-    return replace(reply, chunks=WatchedChunks(reply.chunks, on_end))
+    if isinstance(chunks, WatchedChunks):
+        chunks.watch(on_end)
+        return reply
+    return reply.with_chunks(WatchedChunks(chunks, on_end))
 
 
 async def peek_first_chunk(reply: Reply) -> Reply:
@@ -122,11 +157,16 @@ async def peek_first_chunk(reply: Reply) -> Reply:
     try:
         first = await anext(chunks)
     except StopAsyncIteration:
-        return replace(reply, chunks=WatchedChunks(chunks))
+        return (
+            reply if isinstance(chunks, WatchedChunks) else reply.with_chunks(WatchedChunks(chunks))
+        )
     except BaseException:
         await chunks.aclose()
         raise
-    return replace(reply, chunks=WatchedChunks(chunks, first=first))
+    if isinstance(chunks, WatchedChunks) and chunks._first is None:
+        chunks.put_back(first)
+        return reply
+    return reply.with_chunks(WatchedChunks(chunks, first=first))
 
 
 async def discard(reply: Reply) -> None:

@@ -9,14 +9,14 @@ nothing was processed) is sent once more on a connection opened for it alone.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Awaitable
+from collections.abc import Awaitable
 from time import perf_counter
 from typing import Any
 
 import orjson
 import structlog
 
-from sidecar.config import UpstreamSettings
+from sidecar.config import TimeoutSettings, UpstreamSettings
 from sidecar.deadlines import DeadlineWatch
 from sidecar.errors import StreamInterrupted, UpstreamError
 from sidecar.exchange import AttemptEnd, AttemptObserver, Exchange, Reply, StreamFormat
@@ -190,24 +190,12 @@ class Upstream:
             facts["upstream_time"] = facts.get("upstream_time", 0.0) + perf_counter() - sent_at
             return Reply(connection.status, connection.headers, body=reply_body)
         stream_format: Any = stream_format_of(connection.content_type)
-        started = [False]
-        stream = self._stream(
-            pool, connection, exchange, stream_format, deadline, sent_at, finish, started
-        )
-
-        def closed_early(how: StreamEnd, error: StreamInterrupted | None) -> None:
-            # Only matters when the stream is closed before its first read: then
-            # the generator's own `finally` never runs and would leave these undone.
-            if how == "abandoned" and not started[0]:
-                connection.close()
-                pool.release(connection)
-                if finish is not None:
-                    finish(connection.status, None)
-
         return Reply(
             connection.status,
             connection.headers,
-            chunks=WatchedChunks(stream, closed_early),
+            chunks=UpstreamChunks(
+                self, pool, connection, exchange, stream_format, deadline, sent_at, finish
+            ),
             stream_format=stream_format,
         )
 
@@ -245,80 +233,15 @@ class Upstream:
             pool.release(connection)
             raise
 
+    def timeouts_for(self, route: str) -> TimeoutSettings:
+        return self._timeouts.get(route, self.settings.timeouts)
+
     def _failure(
         self, exchange: Exchange, status: int, reason: str, code: str, what: str
     ) -> UpstreamError:
         self._metrics.upstream_errors.labels(reason).inc()
         base = exchange.target or self.base_url
         return UpstreamError(status, f"the upstream at {base} {what}", code=code)
-
-    async def _stream(
-        self,
-        pool: Pool,
-        connection: Connection,
-        exchange: Exchange,
-        stream_format: StreamFormat,
-        deadline: float,
-        sent_at: float,
-        finish: AttemptEnd | None,
-        started: list[bool],
-    ) -> AsyncGenerator[bytes, None]:
-        """The upstream's stream chunk by chunk, raising StreamInterrupted unless it ends well.
-
-        The idle deadline is checked only while waiting for data, and moving it
-        costs nothing, so a busy stream pays no timer per chunk. Closing this
-        generator (client gone) closes the upstream connection at once, which
-        makes Ollama stop generating.
-        """
-        loop = asyncio.get_running_loop()
-        idle = self._timeouts.get(exchange.route.name, self.settings.timeouts).idle
-        check = end_check(exchange.route.stream_end, stream_format)
-        waiting = self._deadlines.deadline(deadline)
-        finished = False
-        broken: StreamInterrupted | None = None
-        started[0] = True
-        try:
-            while True:
-                try:
-                    chunk = connection.read_nowait()
-                    if not chunk:
-                        if connection.at_eof:
-                            break
-                        waiting.move(min(loop.time() + idle, deadline))
-                        with waiting:
-                            await connection.wait()
-                        continue
-                except TimeoutError:
-                    reason = "total" if loop.time() >= deadline else "idle"
-                    raise StreamInterrupted(
-                        f"the upstream stream stalled ({reason} timeout)",
-                        code="upstream_timeout",
-                    ) from None
-                except ConnectionError as exc:
-                    raise StreamInterrupted(
-                        f"the upstream connection broke mid-stream: {exc.__class__.__name__}"
-                    ) from None
-                if check is not None:
-                    check.feed(chunk)
-                yield chunk
-            if check is not None and not check.complete():
-                raise StreamInterrupted(
-                    "the upstream stream ended before its final event",
-                    code="upstream_stream_incomplete",
-                )
-            finished = True
-        except StreamInterrupted as error:
-            broken = error
-            raise
-        finally:
-            if finish is not None:
-                finish(connection.status, broken)
-            exchange.facts["upstream_time"] = (
-                exchange.facts.get("upstream_time", 0.0) + perf_counter() - sent_at
-            )
-            if not finished:
-                connection.close()
-            pool.release(connection)
 
     async def probe(self, within: float) -> str:
         """Check that the upstream answers at all; Ollama's version when it tells it.
@@ -357,3 +280,79 @@ class Upstream:
             return "unknown"
         version = document.get("version") if isinstance(document, dict) else None
         return str(version or "unknown")
+
+
+class UpstreamChunks(WatchedChunks):
+    """The upstream's stream chunk by chunk, raising StreamInterrupted unless it ends well.
+
+    Read straight off the connection (not through an `async def` generator
+    wrapped in a watcher: one layer per chunk fewer), and watched like any
+    stream: policies that watch it add themselves here. However it ends, the
+    attempt is reported and the connection goes back to the pool (complete) or
+    is closed (anything else; a client gone makes Ollama stop generating).
+    The idle deadline is checked only while waiting for data, and moving it
+    costs nothing, so a busy stream pays no timer per chunk.
+    """
+
+    __slots__ = ("_check", "_connection", "_deadline", "_idle", "_loop", "_waiting")
+
+    def __init__(
+        self,
+        upstream: Upstream,
+        pool: Pool,
+        connection: Connection,
+        exchange: Exchange,
+        stream_format: StreamFormat,
+        deadline: float,
+        sent_at: float,
+        finish: AttemptEnd | None,
+    ) -> None:
+        def ended(how: StreamEnd, error: StreamInterrupted | None) -> None:
+            if finish is not None:
+                finish(connection.status, error)
+            facts = exchange.facts
+            facts["upstream_time"] = facts.get("upstream_time", 0.0) + perf_counter() - sent_at
+            if how != "complete":
+                connection.close()
+            pool.release(connection)
+
+        super().__init__(None, ended)
+        self._connection = connection
+        self._loop = asyncio.get_running_loop()
+        self._idle = upstream.timeouts_for(exchange.route.name).idle
+        self._deadline = deadline
+        self._waiting = upstream._deadlines.deadline(deadline)
+        self._check = end_check(exchange.route.stream_end, stream_format)
+
+    async def _pull(self) -> bytes:
+        connection = self._connection
+        loop = self._loop
+        try:
+            while True:
+                chunk = connection.read_nowait()
+                if chunk:
+                    break
+                if connection.at_eof:
+                    check = self._check
+                    if check is not None and not check.complete():
+                        raise StreamInterrupted(
+                            "the upstream stream ended before its final event",
+                            code="upstream_stream_incomplete",
+                        )
+                    raise StopAsyncIteration
+                waiting = self._waiting
+                waiting.move(min(loop.time() + self._idle, self._deadline))
+                with waiting:
+                    await connection.wait()
+        except TimeoutError:
+            reason = "total" if loop.time() >= self._deadline else "idle"
+            raise StreamInterrupted(
+                f"the upstream stream stalled ({reason} timeout)", code="upstream_timeout"
+            ) from None
+        except ConnectionError as exc:
+            raise StreamInterrupted(
+                f"the upstream connection broke mid-stream: {exc.__class__.__name__}"
+            ) from None
+        if self._check is not None:
+            self._check.feed(chunk)
+        return chunk
