@@ -123,11 +123,15 @@ def encode_request(
     `headers` are the client's (a multidict), minus `drop` (lower-case names),
     minus every header the client's Connection header names, minus those
     `extra` replaces; `extra` (from policies) is added after them. The body,
-    when given, is framed by Content-Length; no compression is asked for.
+    when given, is framed by Content-Length; no compression is asked for. The
+    body is joined to the head when it is small or smaller than the head, so
+    the caller must write it separately exactly when the result is shorter
+    than the body.
     """
-    connection = headers.get("Connection")
+    connection = headers.getall("Connection", None) if headers else None
     if connection:
-        drop = drop | {token.strip().lower() for token in connection.split(",")}
+        # Every Connection field counts: a second one must not slip a header through.
+        drop = drop | {token.strip().lower() for field in connection for token in field.split(",")}
     lines = [f"{method} {target} HTTP/1.1", f"Host: {host_header}"]
     append = lines.append
     for name, value in headers.items():
@@ -143,7 +147,7 @@ def encode_request(
     if body is not None:
         append(f"Content-Length: {len(body)}")
     head = ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
-    if body and len(body) < _JOIN_LIMIT:
+    if body and (len(body) < _JOIN_LIMIT or len(head) >= len(body)):
         return head + body
     return head
 
@@ -194,12 +198,23 @@ class Connection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._fail(UpstreamProtocolError(f"the upstream's answer is not valid HTTP: {exc}"))
             self.close()
+        except httptools.HttpParserUpgrade:
+            # A 101 (or Connection: upgrade): not an HTTP/1.1 answer this client reads.
+            self._fail(UpstreamProtocolError("the upstream switched protocols"))
+            self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         if self._busy and not self.complete:
-            if self.status and not self._framed and not self._informational and self.error is None:
-                # No Content-Length and not chunked: the body ends where the connection does.
+            if (
+                exc is None
+                and self.status
+                and not self._framed
+                and not self._informational
+                and self.error is None
+            ):
+                # No Content-Length and not chunked: the body ends where the connection does
+                # (a clean close only: a reset may have cut it short).
                 self._keep_alive = False
                 self.on_message_complete()
             else:
@@ -247,8 +262,9 @@ class Connection(asyncio.Protocol):
                 self._framed = True
                 continue
             if lower in _HOP_BY_HOP_BYTES:
-                if lower == b"connection":
-                    named = {token.strip().lower() for token in value.split(b",")}
+                if lower == b"connection":  # every Connection field counts, not the last
+                    named = named or set()
+                    named.update(token.strip().lower() for token in value.split(b","))
                 continue
             if lower == b"content-encoding" and value.strip().lower() in _DECODED:
                 encoding = value.strip().lower()
