@@ -26,9 +26,13 @@ RETENTION_S = 400 * 86400
 FIELDS = ("requests", "prompt_tokens", "completion_tokens", "total_tokens", "cost", "estimated")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class UsageRecord:
-    """One metered request, as the ledger receives it."""
+    """One metered request, as the ledger receives it.
+
+    Not frozen: a frozen dataclass sets each field through object.__setattr__,
+    which made building one a measurable part of metering every request.
+    """
 
     tenant: str
     model: str
@@ -80,12 +84,18 @@ class UsageLedger:
         self._writing: set[asyncio.Task[None]] = set()
         self._period_minute = -1
         self._period = ""
+        self._keys: dict[tuple[str, str], str] = {}  # (tenant, model) -> key, this period
         self._errors = metrics.counter(
             "ledger_write_errors_total", "Usage sums the shared store could not take.", ()
         )
 
     def record(self, record: UsageRecord) -> None:
-        key = usage_key(self._current_period(), record.tenant, record.model)
+        period = self._current_period()
+        key = self._keys.get((record.tenant, record.model))
+        if key is None:
+            key = usage_key(period, record.tenant, record.model)
+            if len(self._keys) < 10_000:
+                self._keys[(record.tenant, record.model)] = key
         sums = self._pending.get(key)
         if sums is None:
             sums = self._pending[key] = dict.fromkeys(FIELDS, 0.0)
@@ -108,7 +118,10 @@ class UsageLedger:
         minute = int(now // 60)
         if minute != self._period_minute:
             self._period_minute = minute
-            self._period = period_of(now)
+            period = period_of(now)
+            if period != self._period:
+                self._keys.clear()
+            self._period = period
         return self._period
 
     def _write_soon(self) -> None:

@@ -18,7 +18,7 @@ import structlog
 
 from sidecar.config import TimeoutSettings, UpstreamSettings
 from sidecar.deadlines import DeadlineWatch
-from sidecar.errors import StreamInterrupted, UpstreamError
+from sidecar.errors import SidecarError, StreamInterrupted, UpstreamError
 from sidecar.exchange import AttemptEnd, AttemptObserver, Exchange, Reply, StreamFormat
 from sidecar.http1 import (
     HOP_BY_HOP,
@@ -147,7 +147,10 @@ class Upstream:
                 body,
             )
         except ValueError as exc:
-            raise UpstreamError(500, f"cannot send the request upstream: {exc}") from None
+            # A policy's fault, not the upstream's: not retried, not held against a breaker.
+            raise SidecarError(
+                500, f"cannot send the request upstream: {exc}", code="invalid_upstream_header"
+            ) from None
         rest = body if body is not None and len(request) < len(body) else None
         facts = exchange.facts
         sent_at = perf_counter()

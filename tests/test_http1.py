@@ -1018,7 +1018,9 @@ async def test_a_policy_header_with_a_line_break_is_refused_not_sent(
     )
     async with http.get(f"{bad.url}/v1/models") as response:
         assert response.status == 500
-        assert "line break" in (await response.json())["error"]["message"]
+        error = (await response.json())["error"]
+        assert "line break" in error["message"]
+        assert error["code"] == "invalid_upstream_header"
     assert len(upstream.requests) == 1
     assert len(upstream.connections) == 1
 
