@@ -88,14 +88,19 @@ class UnknownPolicy(LookupError):
 
 
 def builtin_policy_names() -> list[str]:
-    """Names of the policies shipped in the `policies` package."""
-    _load_builtins()
+    """Names of the policies shipped in the `policies` package (this imports them all)."""
+    for name in _builtin_modules():
+        _load_builtin(name)
     return sorted(_BUILTINS)
 
 
 def find_policy(name: str) -> PolicyFactory:
-    """Resolve a YAML policy name: built-in, then entry point, then `module:Class`."""
-    _load_builtins()
+    """Resolve a YAML policy name: built-in, then entry point, then `module:Class`.
+
+    A built-in policy's module is imported only when a config names it.
+    """
+    if name not in _BUILTINS:
+        _load_builtin(name)
     if name in _BUILTINS:
         return _BUILTINS[name]
     for entry in entry_points(group=ENTRY_POINT_GROUP):
@@ -122,9 +127,17 @@ def _checked(name: str, candidate: object) -> PolicyFactory:
     return candidate  # type: ignore[return-value]
 
 
-def _load_builtins() -> None:
-    # Importing the package registers every built-in policy module.
-    importlib.import_module("policies")
+def _builtin_modules() -> dict[str, str]:
+    """Built-in policy name -> its module, from the `policies` package (which imports none)."""
+    modules: dict[str, str] = importlib.import_module("policies").BUILTIN_MODULES
+    return modules
+
+
+def _load_builtin(name: str) -> None:
+    # Importing a built-in policy's module registers it.
+    module = _builtin_modules().get(name)
+    if module is not None:
+        importlib.import_module(module)
 
 
 def build_chain(policies: Sequence[Policy], terminal: Next) -> Next:
