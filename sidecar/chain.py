@@ -134,10 +134,15 @@ def _builtin_modules() -> dict[str, str]:
 
 
 def _load_builtin(name: str) -> None:
-    # Importing a built-in policy's module registers it.
+    # Importing a built-in policy's module registers it. That may now happen on a
+    # reload, so a module that cannot be imported is a config problem there, not
+    # an exception that would end the config watcher.
     module = _builtin_modules().get(name)
     if module is not None:
-        importlib.import_module(module)
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise UnknownPolicy(f"cannot load policy {name!r}: {exc}") from None
 
 
 def build_chain(policies: Sequence[Policy], terminal: Next) -> Next:

@@ -13,9 +13,11 @@ import textwrap
 from pathlib import Path
 
 import orjson
+import pytest
 
 import policies
 from sidecar import chain
+from sidecar.config import ConfigError, parse_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -97,3 +99,16 @@ def test_a_policy_module_is_an_attribute_of_the_package() -> None:
         """
     )
     assert policy_modules(modules) == {"policies.correlation"}
+
+
+def test_a_builtin_module_that_cannot_be_imported_is_a_config_problem(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Imported when first named, possibly on a reload: the watcher must get a
+    # ConfigError (and keep the running config), not an ImportError.
+    monkeypatch.setitem(policies.BUILTIN_MODULES, "broken_policy", "policies.no_such_module")
+    with pytest.raises(ConfigError) as caught:
+        parse_settings({"policies": [{"broken_policy": {}}]})
+    ((path, message),) = caught.value.problems
+    assert path == "policies[0]"
+    assert message.startswith("cannot load policy 'broken_policy': ")
