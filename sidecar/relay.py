@@ -13,6 +13,19 @@ from sidecar.errors import StreamInterrupted, stream_error_event
 from sidecar.exchange import Exchange, Reply
 
 
+class RelayedStream(web.StreamResponse):
+    """A streamed answer whose head goes out with its first chunk, in one write.
+
+    aiohttp's StreamResponse sends the head at `prepare`, on its own; the
+    sidecar prepares once the upstream answered, when the first chunk is
+    already there or follows at once (Ollama sends its head with the first
+    chunk too), so a separate write of the head is a syscall per stream for
+    nothing. A stream that ends with no chunk sends its head with the end.
+    """
+
+    _send_headers_immediately = False
+
+
 async def relay(request: web.BaseRequest, reply: Reply, exchange: Exchange) -> web.StreamResponse:
     """Send `reply` to the client and return the (finished or prepared) response.
 
@@ -29,7 +42,7 @@ async def relay(request: web.BaseRequest, reply: Reply, exchange: Exchange) -> w
 
     headers["X-Accel-Buffering"] = "no"
     headers.setdefault("Cache-Control", "no-cache")
-    response = web.StreamResponse(status=reply.status, headers=headers)
+    response = RelayedStream(status=reply.status, headers=headers)
     sent = 0
     last = b"\n\n"
     try:
