@@ -460,6 +460,53 @@ class MeteredChunks(AsyncGenerator[bytes, None]):
         self._on_end(how, counts, self._kept)
 
 
+_MAX_ACCOUNTS = 4096
+
+
+class _Account:
+    """One tenant and model as metering counts them: labels, price, metric children, totals."""
+
+    __slots__ = ("children", "model", "price", "tenant", "totals")
+
+    def __init__(
+        self,
+        tenant: str,
+        model: str,
+        price: Price | None,
+        children: tuple[Any, ...],
+        totals: Totals,
+    ) -> None:
+        self.tenant = tenant
+        self.model = model
+        self.price = price
+        self.children = children
+        self.totals = totals
+
+
+_TAIL_USAGE = b'"usage":'
+
+
+def _tail_usage(body: bytes) -> tuple[Any, Any] | None:
+    """(prompt, completion) when the answer ends with its `usage` object, as OpenAI's do.
+
+    Parses that object alone instead of the whole answer; anything else (native
+    answers, usage elsewhere, a malformed tail) returns None for the full parse.
+    """
+    at = body.rfind(_TAIL_USAGE)
+    if at < 0 or not body.endswith(b"}"):
+        return None
+    try:
+        usage = orjson.loads(body[at + len(_TAIL_USAGE) : -1])
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(usage, dict):
+        return None
+    return (
+        usage.get("prompt_tokens", usage.get("input_tokens")),
+        usage.get("completion_tokens", usage.get("output_tokens")),
+    )
+
+
 def _price_key(model: str) -> str:
     return model.removesuffix(":latest")
 
@@ -502,6 +549,7 @@ class Metering:
             ("tenant", "model"),
         )
         self._children: dict[tuple[str, str], tuple[Any, ...]] = {}
+        self._accounts: dict[tuple[str, str], _Account] = {}
 
     async def start(self) -> None:
         # The vocabulary is loaded only when an estimate is first needed (see
@@ -569,7 +617,10 @@ class Metering:
 
     def _plain(self, exchange: Exchange, body: bytes) -> None:
         counts = Counts()
-        if body.startswith(b"{"):
+        found = _tail_usage(body)
+        if found is not None:
+            counts.take(*found)
+        elif body.startswith(b"{"):
             try:
                 document = orjson.loads(body)
             except orjson.JSONDecodeError:
@@ -625,7 +676,8 @@ class Metering:
         tenant = str(exchange.facts.get("tenant", "anonymous"))
         if exchange.facts.get("cache") in CACHED_RESULTS:
             return self._record_cached(exchange, tenant, model, prompt, completion, estimated, how)
-        price = self.prices.get(_price_key(model))
+        account = self._account_of(tenant, model)
+        price = account.price
         cost = (
             (prompt * price.prompt + completion * price.completion) / 1_000_000
             if price is not None
@@ -639,18 +691,46 @@ class Metering:
             "cost": cost,
         }
         record = UsageRecord(
-            tenant=self._tenants(tenant),
-            model=self._models(model),
-            route=exchange.route.name,
-            prompt_tokens=prompt,
-            completion_tokens=completion,
-            estimated=estimated,
-            cost=cost,
-            ended=how,
-            request_id=exchange.request_id,
+            account.tenant,
+            account.model,
+            exchange.route.name,
+            prompt,
+            completion,
+            estimated,
+            cost,
+            how,
+            exchange.request_id,
         )
-        self.record(record)
+        prompt_child, completion_child, from_upstream, estimated_child, cost_child = (
+            account.children
+        )
+        prompt_child.inc(prompt)
+        completion_child.inc(completion)
+        (estimated_child if estimated else from_upstream).inc()
+        if cost:
+            cost_child.inc(cost)
+        self.memory.total.add(record)
+        account.totals.add(record)
+        self.store.record(record)
         return record
+
+    def _account_of(self, tenant: str, model: str) -> _Account:
+        """What one tenant and model's records go to, looked up once (one dict read per request)."""
+        account = self._accounts.get((tenant, model))
+        if account is None:
+            label_tenant, label_model = self._tenants(tenant), self._models(model)
+            children = self._children.get((label_tenant, label_model))
+            if children is None:
+                children = self._children_of(label_tenant, label_model)
+            totals = self.memory.by_key.get((label_tenant, label_model))
+            if totals is None:
+                totals = self.memory.by_key[(label_tenant, label_model)] = Totals()
+            account = _Account(
+                label_tenant, label_model, self.prices.get(_price_key(model)), children, totals
+            )
+            if len(self._accounts) < _MAX_ACCOUNTS:  # raw names are open-ended
+                self._accounts[(tenant, model)] = account
+        return account
 
     def _record_cached(
         self,

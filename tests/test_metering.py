@@ -537,3 +537,24 @@ async def test_metering_after_cache_sees_only_the_upstream_call(
     assert totals["requests"] == 1
     text = await metrics_text(http, sidecar)
     assert 'kind="cached"' not in text
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (b'{"id":"x","usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}', (3, 4)),
+        (b'{"usage":{"input_tokens":5,"output_tokens":6}}', (5, 6)),
+        # Not the answer's last member, nested, or not an object: left to the full parse.
+        (b'{"usage":{"prompt_tokens":3},"model":"m"}', None),
+        (b'{"response":{"usage":{"input_tokens":1,"output_tokens":2}}}', None),
+        (b'{"message":{"content":"say \\"usage\\":{}"},"done":true}', None),
+        (b'{"usage":null}', None),
+        (b"not json", None),
+    ],
+)
+def test_usage_at_the_tail_is_read_without_parsing_the_whole_answer(
+    body: bytes, expected: tuple[int, int] | None
+) -> None:
+    from policies.metering import _tail_usage
+
+    assert _tail_usage(body) == expected
