@@ -435,7 +435,7 @@ def phases_markdown(data: dict[str, Any]) -> str:
 
 
 # --------------------------------------------------------------------------- document
-def render(data: dict[str, Any]) -> str:
+def render(data: dict[str, Any], note: str | None = None) -> str:
     m = data["meta"]
     args = m.get("args", {})
     skipped = [
@@ -451,6 +451,7 @@ def render(data: dict[str, Any]) -> str:
     parts = [
         "# Performance",
         "",
+        *([f"> {note}", ""] if note else []),
         "Issue 7's overhead targets, measured by [`bench/`](../bench/README.md) against two "
         "references in the same run: **direct** (no proxy) and **floor** "
         "([`bench/floor.py`](../bench/floor.py), the smallest aiohttp pass-through proxy). "
@@ -510,9 +511,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("json", nargs="?", type=Path, default=DEFAULT_JSON, help="a run's JSON")
     p.add_argument("--out", type=Path, default=None, help="write here (default: stdout)")
     p.add_argument("--targets-only", action="store_true", help="only issue 7's targets table")
+    p.add_argument("--note", default=None, help="a line quoted under the title (e.g. why this run)")
     a = p.parse_args(argv)
     data = json.loads(a.json.read_text())
-    text = targets_markdown(data) + "\n" if a.targets_only else render(data)
+    text = targets_markdown(data) + "\n" if a.targets_only else render(data, a.note)
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(text)
