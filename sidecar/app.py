@@ -213,12 +213,14 @@ class Sidecar:
         )
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        internal = self._internal.get(request.path)
+        # The raw path, not `request.path`: that builds a URL object per request.
+        raw_path, _, query_string = request.raw_path.partition("?")
+        internal = self._internal.get(raw_path)
         if internal is not None and request.method in ("GET", "HEAD"):
             return await internal(request)
-        if request.path == "/sidecar/cache" and request.method == "DELETE":
+        if raw_path == "/sidecar/cache" and request.method == "DELETE":
             return await self._purge(request)
-        return await self._proxy(request)
+        return await self._proxy(request, raw_path, query_string)
 
     async def _purge(self, request: web.BaseRequest) -> web.StreamResponse:
         """DELETE /sidecar/cache[?model=m]: every policy that keeps answers drops them."""
@@ -236,13 +238,14 @@ class Sidecar:
                     )
         return _json_response(200, {"purged": purged, "model": model})
 
-    async def _proxy(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def _proxy(
+        self, request: web.BaseRequest, raw_path: str, query_string: str
+    ) -> web.StreamResponse:
         runtime = self.runtime
         assert runtime is not None and self._idle is not None
         runtime.active += 1
         started = time.perf_counter()
         loop_started = asyncio.get_running_loop().time()
-        raw_path, _, query_string = request.raw_path.partition("?")
         dialect = dialect_for_path(raw_path)
         route_name = "unmatched"
         status = 0
