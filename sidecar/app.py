@@ -317,8 +317,13 @@ class Sidecar:
         if not request.body_exists:
             return b""
         try:
-            if request.content.is_eof():
-                # The whole body came with the headers (the common case): no wait to guard.
+            content = request.content
+            if content.is_eof():
+                # The whole body came with the headers (the common case): no wait to
+                # guard, and when its length was announced (and checked above) it is
+                # taken from the buffer as it is, without read()'s copy.
+                if length is not None:
+                    return content.read_nowait(-1)
                 return await request.read()
             # A client that announces a body and stalls must not hold a handler forever.
             with self.deadlines.deadline(asyncio.get_running_loop().time() + limits.body_timeout):
