@@ -17,6 +17,17 @@ Three kinds of state, in separate key spaces under the prefix (``{prefix}b:{key}
 * budgets: ``reserve`` (spent + amount <= limit, then add) on a counter field, reconciled later
   with ``add`` and a signed correction.
 
+Two kinds of call for the hot path:
+
+* ``take_all`` takes from several buckets at once, all or nothing (one round trip: a request
+  bucket and a token bucket together);
+* ``adjust_nowait`` / ``add_nowait`` apply a correction without an ``await`` (a stream's end is
+  a synchronous callback, and a task per request is costly): the memory backend applies it at
+  once, the Redis backend queues it and one writer task sends everything queued in one script
+  (corrections to one key summed), the next batch when that one is written. ``flush`` waits
+  until the queue is written. A failed batch is reported to each operation's ``on_error``
+  (with how many operations it carried), never raised.
+
 Failures of the backend (unreachable, timed out, refusing writes) raise ``StoreUnavailable``;
 the policy decides whether to fail open or closed. Every Redis call is bounded by ``timeout_s``.
 """
@@ -27,12 +38,16 @@ import abc
 import asyncio
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import structlog
+
 __all__ = [
+    "Bucket",
     "MemoryStore",
+    "OnWriteError",
     "RedisStore",
     "ReserveResult",
     "Store",
@@ -42,6 +57,10 @@ __all__ = [
 ]
 
 Clock = Callable[[], float]
+# A queued write failed: (key, how many queued operations it carried, why).
+OnWriteError = Callable[[str, int, "StoreUnavailable"], None]
+# One bucket in ``take_all``: key, cost, rate_per_s, burst.
+Bucket = tuple[str, float, float, float]
 
 DEFAULT_PREFIX = "ollama-sidecar:"
 # Relative slack when comparing float sums against a limit (0.1 + 0.2 <= 0.3 must hold, and the
@@ -49,15 +68,21 @@ DEFAULT_PREFIX = "ollama-sidecar:"
 _EPS = 1e-9
 # Extra life for a bucket key past the moment it is full again (a full bucket == no key).
 _BUCKET_GRACE_S = 1.0
+# At most this many queued keys go to Redis in one script (a script blocks Redis while it runs).
+_BATCH_KEYS = 256
+
+
+def _log() -> Any:
+    return structlog.get_logger("sidecar.stores")
 
 
 class StoreUnavailable(Exception):
     """The shared store cannot be reached or did not answer in time."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen one is built through object.__setattr__ (slow)
 class TakeResult:
-    """Outcome of a token-bucket operation.
+    """Outcome of a token-bucket operation (read it, do not change it).
 
     ``remaining``: tokens left after the operation (negative while in debt after a reconcile).
     ``retry_after_s``: 0 when allowed; else seconds until ``cost`` would be allowed
@@ -96,8 +121,27 @@ def _check_fields(fields: Mapping[str, float]) -> None:
         _check_finite(f"field {name!r}", value)
 
 
+def _check_reserve(amount: float, limit: float, ttl_s: float | None) -> None:
+    ttl = 0.0 if ttl_s is None else ttl_s
+    if not (amount >= 0 and ttl >= 0 and math.isfinite(amount + limit + ttl)):
+        _check_finite("amount", amount, nonneg=True)
+        _check_finite("limit", limit)
+        _check_finite("ttl_s", ttl, nonneg=True)
+
+
 def _fits(spent: float, amount: float, limit: float) -> bool:
     return spent + amount <= limit + _EPS * max(1.0, abs(limit))
+
+
+def _refill(
+    tokens: float | None, ts: float | None, now: float, rate: float, burst: float
+) -> tuple[float, float]:
+    """The bucket's level at ``now`` (and ``now``, never before the last write)."""
+    if tokens is None or ts is None:
+        return burst, now
+    if now < ts:
+        now = ts  # never go back in time (clock skew between callers passing `now`)
+    return min(burst, tokens + (now - ts) * rate), now
 
 
 def _bucket_step(
@@ -109,17 +153,12 @@ def _bucket_step(
     burst: float,
     force: bool,
 ) -> tuple[bool, float, float, float, float, float]:
-    """The bucket arithmetic; the Lua script below is a line-by-line copy of it.
+    """The bucket arithmetic; the Lua functions below are a line-by-line copy of it.
 
     Returns (allowed, level_after, retry_after_s, reset_s, now_used, ttl_s); when not allowed
     the caller writes nothing (nor for an allowed 0-cost peek).
     """
-    if tokens is None or ts is None:
-        level = burst
-    else:
-        if now < ts:
-            now = ts  # never go back in time (clock skew between callers passing `now`)
-        level = min(burst, tokens + (now - ts) * rate)
+    level, now = _refill(tokens, ts, now, rate, burst)
     if force:  # reconcile/refund: apply a signed cost, never above burst
         level = min(burst, level - cost)
         allowed = True
@@ -131,6 +170,30 @@ def _bucket_step(
     retry = 0.0 if allowed else (cost - level) / rate
     reset = max(0.0, (burst - level) / rate)
     return allowed, level, retry, reset, now, reset + _BUCKET_GRACE_S
+
+
+def _check_buckets(buckets: Sequence[Bucket]) -> None:
+    for _, cost, rate, burst in buckets:
+        # One test for the usual case; the precise checks (and their messages) otherwise.
+        if not (cost >= 0 and rate > 0 and burst > 0 and math.isfinite(cost + rate + burst)):
+            _check_bucket(rate, burst)
+            _check_finite("cost", cost, nonneg=True)
+
+
+def _check_delta(delta: float, rate: float, burst: float) -> None:
+    if not (rate > 0 and burst > 0 and math.isfinite(delta + rate + burst)):
+        _check_bucket(rate, burst)
+        _check_finite("delta", delta)
+
+
+def _check_add(fields: Mapping[str, float], ttl_s: float | None) -> None:
+    total = 0.0 if ttl_s is None else ttl_s
+    for value in fields.values():
+        total += value
+    if not (math.isfinite(total) and (ttl_s is None or ttl_s >= 0)):  # one test, usually
+        _check_fields(fields)
+        if ttl_s is not None:
+            _check_finite("ttl_s", ttl_s, nonneg=True)
 
 
 # ---- Lua (Redis 7; numbers go back to Python as strings: Redis truncates Lua numbers) ----
@@ -147,7 +210,21 @@ local function set_ttl(key, ttl_arg)
     redis.call('PEXPIRE', key, math.max(1, math.ceil(tonumber(ttl_arg) * 1000)))
   end
 end
-"""
+local function refill(key, now, rate, burst)
+  local st = redis.call('HMGET', key, 'tokens', 'ts')
+  local tokens = tonumber(st[1])
+  local ts = tonumber(st[2])
+  if tokens == nil or ts == nil then return burst, now end
+  if now < ts then now = ts end
+  return math.min(burst, tokens + (now - ts) * rate), now
+end
+local function write_bucket(key, level, now, rate, burst)
+  local reset = math.max(0, (burst - level) / rate)
+  redis.call('HSET', key, 'tokens', f(level), 'ts', f(now))
+  redis.call('PEXPIRE', key, math.ceil((reset + GRACE_S) * 1000))
+  return reset
+end
+""".replace("GRACE_S", repr(_BUCKET_GRACE_S))
 
 # KEYS[1] bucket; ARGV: cost, rate, burst, now ('' = server TIME), force ('1' = reconcile)
 _LUA_BUCKET = (
@@ -156,18 +233,8 @@ _LUA_BUCKET = (
 local cost = tonumber(ARGV[1])
 local rate = tonumber(ARGV[2])
 local burst = tonumber(ARGV[3])
-local now = now_from(ARGV[4])
 local force = ARGV[5] == '1'
-local st = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
-local tokens = tonumber(st[1])
-local ts = tonumber(st[2])
-local level
-if tokens == nil or ts == nil then
-  level = burst
-else
-  if now < ts then now = ts end
-  level = math.min(burst, tokens + (now - ts) * rate)
-end
+local level, now = refill(KEYS[1], now_from(ARGV[4]), rate, burst)
 local allowed = 0
 if force then
   level = math.min(burst, level - cost)
@@ -180,11 +247,78 @@ local retry = 0
 if allowed == 0 then retry = (cost - level) / rate end
 local reset = math.max(0, (burst - level) / rate)
 if allowed == 1 and (force or cost > 0) then
-  redis.call('HSET', KEYS[1], 'tokens', f(level), 'ts', f(now))
-  redis.call('PEXPIRE', KEYS[1], math.ceil((reset + GRACE_S) * 1000))
+  write_bucket(KEYS[1], level, now, rate, burst)
 end
 return {allowed, f(level), f(retry), f(reset)}
-""".replace("GRACE_S", repr(_BUCKET_GRACE_S))
+"""
+)
+
+# KEYS: buckets; ARGV: now ('' = server TIME), then cost, rate, burst per bucket. All or
+# nothing: the first bucket the cost does not fit is refused, the others are peeked.
+# Returns allowed, level, retry, reset per bucket.
+_LUA_TAKE_ALL = (
+    _LUA_NOW
+    + """
+local now = now_from(ARGV[1])
+local levels, nows, refused = {}, {}, 0
+for i = 1, #KEYS do
+  local cost = tonumber(ARGV[3 * i - 1])
+  levels[i], nows[i] = refill(KEYS[i], now, tonumber(ARGV[3 * i]), tonumber(ARGV[3 * i + 1]))
+  if refused == 0 and cost > levels[i] then refused = i end
+end
+local out = {}
+for i = 1, #KEYS do
+  local cost = tonumber(ARGV[3 * i - 1])
+  local rate = tonumber(ARGV[3 * i])
+  local burst = tonumber(ARGV[3 * i + 1])
+  local level = levels[i]
+  local allowed, retry = 1, 0
+  if refused == 0 then
+    level = level - cost
+    if cost > 0 then write_bucket(KEYS[i], level, nows[i], rate, burst) end
+  elseif refused == i then
+    allowed = 0
+    retry = (cost - level) / rate
+  end
+  local reset = math.max(0, (burst - level) / rate)
+  table.insert(out, allowed)
+  table.insert(out, f(level))
+  table.insert(out, f(retry))
+  table.insert(out, f(reset))
+end
+return out
+"""
+)
+
+# Queued writes. KEYS: NB buckets, then counters. ARGV: NB, now ('' = server TIME), then
+# delta, rate, burst per bucket (a signed correction, as ``adjust``), then per counter:
+# ttl ('' = none), how many fields, then field, increment pairs.
+_LUA_BATCH = (
+    _LUA_NOW
+    + """
+local nb = tonumber(ARGV[1])
+local now = now_from(ARGV[2])
+local a = 3
+for i = 1, nb do
+  local delta = tonumber(ARGV[a])
+  local rate = tonumber(ARGV[a + 1])
+  local burst = tonumber(ARGV[a + 2])
+  a = a + 3
+  local level, at = refill(KEYS[i], now, rate, burst)
+  write_bucket(KEYS[i], math.min(burst, level - delta), at, rate, burst)
+end
+for i = nb + 1, #KEYS do
+  local ttl = ARGV[a]
+  local n = tonumber(ARGV[a + 1])
+  a = a + 2
+  for j = 1, n do
+    redis.call('HINCRBYFLOAT', KEYS[i], ARGV[a], ARGV[a + 1])
+    a = a + 2
+  end
+  set_ttl(KEYS[i], ttl)
+end
+return #KEYS
+"""
 )
 
 # KEYS[1] counter hash; ARGV: ttl ('' = none), then field, increment pairs. Returns HGETALL.
@@ -257,6 +391,40 @@ class Store(abc.ABC):
         _check_finite("actual", actual, nonneg=True)
         return await self.adjust(key, actual - reserved, rate_per_s, burst, now)
 
+    @abc.abstractmethod
+    async def take_all(
+        self, buckets: Sequence[Bucket], now: float | None = None
+    ) -> tuple[TakeResult, ...]:
+        """Atomically take each bucket's cost, all or nothing: one result per bucket.
+
+        The keys must be distinct. When every cost fits, all are taken. Otherwise none is:
+        the first bucket whose cost does not fit has the refusal (``allowed`` False), and
+        every other bucket's result is a peek (its level, nothing taken).
+        """
+
+    @abc.abstractmethod
+    def adjust_nowait(
+        self,
+        key: str,
+        delta: float,
+        rate_per_s: float,
+        burst: float,
+        on_error: OnWriteError | None = None,
+    ) -> None:
+        """``adjust`` without an ``await`` and without a result: applied at once (memory) or
+        queued (Redis: written by a writer task within a loop turn or so, or by ``flush``).
+        A failed write goes to ``on_error``, never to the caller; invalid numbers raise
+        ``ValueError`` here, before anything is queued."""
+
+    async def flush(self) -> None:
+        """Wait until every write queued by ``*_nowait`` so far is written (or failed)."""
+        return None
+
+    @property
+    def pending_writes(self) -> int:
+        """Operations queued by ``*_nowait`` and not written yet."""
+        return 0
+
     # -- counters ---------------------------------------------------------------------------
     @abc.abstractmethod
     async def add(
@@ -267,6 +435,16 @@ class Store(abc.ABC):
         ``ttl_s`` is set when the key has no TTL yet (i.e. on creation), and later adds do not
         extend it: a key named after its period (``usage:team:2025-06``) expires at a fixed time.
         """
+
+    @abc.abstractmethod
+    def add_nowait(
+        self,
+        key: str,
+        fields: Mapping[str, float],
+        ttl_s: float | None = None,
+        on_error: OnWriteError | None = None,
+    ) -> None:
+        """``add`` without an ``await`` and without a result (see ``adjust_nowait``)."""
 
     @abc.abstractmethod
     async def get(self, key: str) -> dict[str, float]:
@@ -333,8 +511,10 @@ class MemoryStore(Store):
 
     def _tick(self) -> None:
         self._writes += 1
-        if self._writes % self._SWEEP_EVERY:
-            return
+        if not self._writes % self._SWEEP_EVERY:
+            self._sweep()
+
+    def _sweep(self) -> None:
         t = self._clock()
         for k in [k for k, (_, _, exp) in self._buckets.items() if exp <= t]:
             del self._buckets[k]
@@ -342,11 +522,11 @@ class MemoryStore(Store):
             self._counters.pop(k, None)
             del self._expires[k]
 
-    def _bucket(self, key: str) -> tuple[float | None, float | None]:
+    def _bucket(self, key: str, clock: float) -> tuple[float | None, float | None]:
         entry = self._buckets.get(key)
         if entry is None:
             return None, None
-        if entry[2] <= self._clock():
+        if entry[2] <= clock:
             del self._buckets[key]
             return None, None
         return entry[0], entry[1]
@@ -354,13 +534,13 @@ class MemoryStore(Store):
     def _step(
         self, key: str, cost: float, rate: float, burst: float, now: float | None, force: bool
     ) -> TakeResult:
-        tokens, ts = self._bucket(key)
-        at = self._clock() if now is None else now
+        clock = self._clock()
+        tokens, ts = self._bucket(key, clock)
         allowed, level, retry, reset, at, ttl = _bucket_step(
-            tokens, ts, at, cost, rate, burst, force
+            tokens, ts, clock if now is None else now, cost, rate, burst, force
         )
         if allowed and (force or cost > 0):  # a 0-cost peek writes nothing
-            self._buckets[key] = (level, at, self._clock() + ttl)
+            self._buckets[key] = (level, at, clock + ttl)
             self._tick()
         if not allowed and cost > burst:
             retry = math.inf
@@ -380,6 +560,63 @@ class MemoryStore(Store):
         _check_finite("delta", delta)
         return self._step(key, delta, rate_per_s, burst, now, True)
 
+    async def take_all(
+        self, buckets: Sequence[Bucket], now: float | None = None
+    ) -> tuple[TakeResult, ...]:
+        # The hot path of a rate limit: _check_buckets, _refill and _bucket_step, inline.
+        clock = self._clock()
+        at = clock if now is None else now
+        table = self._buckets
+        levels: list[float] = []
+        refused = -1
+        for key, cost, rate, burst in buckets:
+            if not (cost >= 0 and rate > 0 and burst > 0 and cost + rate + burst < math.inf):
+                _check_buckets(((key, cost, rate, burst),))  # raises, with the reason
+            entry = table.get(key)
+            if entry is None:
+                level, used = burst, at
+            elif entry[2] <= clock:  # expired: full again
+                del table[key]
+                level, used = burst, at
+            else:
+                tokens, ts, _ = entry
+                used = at if at > ts else ts
+                level = tokens + (used - ts) * rate
+                if level > burst:
+                    level = burst
+            if refused < 0 and cost > level:
+                refused = len(levels) // 2
+            levels += (level, used)
+        results = []
+        for i, (key, cost, rate, burst) in enumerate(buckets):
+            level = levels[2 * i]
+            if refused < 0:
+                level -= cost
+                reset = (burst - level) / rate
+                if cost > 0:
+                    table[key] = (level, levels[2 * i + 1], clock + reset + _BUCKET_GRACE_S)
+                    self._writes += 1
+                    if not self._writes % self._SWEEP_EVERY:
+                        self._sweep()
+                results.append(TakeResult(True, level, 0.0, reset if reset > 0 else 0.0))
+            elif i != refused:
+                results.append(TakeResult(True, level, 0.0, max(0.0, (burst - level) / rate)))
+            else:
+                retry = math.inf if cost > burst else (cost - level) / rate
+                results.append(TakeResult(False, level, retry, max(0.0, (burst - level) / rate)))
+        return tuple(results)
+
+    def adjust_nowait(
+        self,
+        key: str,
+        delta: float,
+        rate_per_s: float,
+        burst: float,
+        on_error: OnWriteError | None = None,
+    ) -> None:
+        _check_delta(delta, rate_per_s, burst)
+        self._step(key, delta, rate_per_s, burst, None, True)
+
     def _live(self, key: str) -> dict[str, float] | None:
         exp = self._expires.get(key)
         if exp is not None and exp <= self._clock():
@@ -392,22 +629,33 @@ class MemoryStore(Store):
         if ttl_s is not None and key not in self._expires:
             self._expires[key] = self._clock() + ttl_s
 
-    async def add(
-        self, key: str, fields: Mapping[str, float], ttl_s: float | None = None
-    ) -> dict[str, float]:
-        _check_fields(fields)
-        if ttl_s is not None:
-            _check_finite("ttl_s", ttl_s, nonneg=True)
+    def _add(self, key: str, fields: Mapping[str, float], ttl_s: float | None) -> dict[str, float]:
         current = self._live(key)
         if not fields:
-            return dict(current or {})
+            return current or {}
         if current is None:
             current = self._counters[key] = {}
         for name, value in fields.items():
             current[name] = current.get(name, 0.0) + float(value)
         self._set_ttl(key, ttl_s)
         self._tick()
-        return dict(current)
+        return current
+
+    async def add(
+        self, key: str, fields: Mapping[str, float], ttl_s: float | None = None
+    ) -> dict[str, float]:
+        _check_add(fields, ttl_s)
+        return dict(self._add(key, fields, ttl_s))
+
+    def add_nowait(
+        self,
+        key: str,
+        fields: Mapping[str, float],
+        ttl_s: float | None = None,
+        on_error: OnWriteError | None = None,
+    ) -> None:
+        _check_add(fields, ttl_s)
+        self._add(key, fields, ttl_s)
 
     async def get(self, key: str) -> dict[str, float]:
         return dict(self._live(key) or {})
@@ -444,13 +692,12 @@ class MemoryStore(Store):
         ttl_s: float | None = None,
         field: str = "spent",
     ) -> ReserveResult:
-        _check_finite("amount", amount, nonneg=True)
-        _check_finite("limit", limit)
+        _check_reserve(amount, limit, ttl_s)
         current = self._live(key)
-        spent = (current or {}).get(field, 0.0)
+        spent = current.get(field, 0.0) if current else 0.0
         if not _fits(spent, amount, limit):
             return ReserveResult(False, spent)
-        totals = await self.add(key, {field: amount}, ttl_s)  # no await point inside: atomic
+        totals = self._add(key, {field: amount}, ttl_s)  # no await anywhere: atomic
         return ReserveResult(True, totals[field])
 
     async def ping(self) -> None:
@@ -473,6 +720,32 @@ def _floats(flat: list[Any] | dict[str, Any]) -> dict[str, float]:
     if isinstance(flat, dict):
         return {str(k): float(v) for k, v in flat.items()}
     return {str(flat[i]): float(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+
+class _Queued:
+    """One key's queued writes: a bucket correction or counter increments, summed, and who
+    asked for them (to report a failure to)."""
+
+    __slots__ = ("delta", "fields", "ttl_s", "waiting")
+
+    def __init__(self, ttl_s: float | None) -> None:
+        self.delta = 0.0
+        self.fields: dict[str, float] = {}
+        self.ttl_s = ttl_s
+        self.waiting: dict[OnWriteError | None, int] = {}  # on_error -> operations
+
+    def asked(self, on_error: OnWriteError | None) -> None:
+        self.waiting[on_error] = self.waiting.get(on_error, 0) + 1
+
+    def failed(self, key: str, error: StoreUnavailable) -> None:
+        for on_error, count in self.waiting.items():
+            if on_error is None:
+                _log().warning("store_write_lost", key=key, operations=count, error=str(error))
+                continue
+            try:
+                on_error(key, count, error)
+            except Exception:
+                _log().exception("store_on_error_failed", key=key)
 
 
 class RedisStore(Store):
@@ -512,6 +785,14 @@ class RedisStore(Store):
         self._bucket_script = self._client.register_script(_LUA_BUCKET)
         self._add_script = self._client.register_script(_LUA_ADD)
         self._reserve_script = self._client.register_script(_LUA_RESERVE)
+        self._take_all_script = self._client.register_script(_LUA_TAKE_ALL)
+        self._batch_script = self._client.register_script(_LUA_BATCH)
+        # Writes queued by *_nowait: bucket corrections by (key, rate, burst), counter
+        # increments by key; one writer task at a time sends them.
+        self._queued_buckets: dict[tuple[str, float, float], _Queued] = {}
+        self._queued_counters: dict[str, _Queued] = {}
+        self._queued = 0
+        self._writer: asyncio.Task[None] | None = None
 
     @property
     def shared(self) -> bool:
@@ -563,12 +844,44 @@ class RedisStore(Store):
         _check_finite("delta", delta)
         return await self._bucket(key, delta, rate_per_s, burst, now, True)
 
+    async def take_all(
+        self, buckets: Sequence[Bucket], now: float | None = None
+    ) -> tuple[TakeResult, ...]:
+        _check_buckets(buckets)
+        args = ["" if now is None else repr(float(now))]
+        for _, cost, rate, burst in buckets:
+            args += [repr(float(cost)), repr(float(rate)), repr(float(burst))]
+        keys = [self._b(bucket[0]) for bucket in buckets]
+        raw = await self._run("take", lambda: self._take_all_script(keys=keys, args=args))
+        results = []
+        for i, (_, cost, _, burst) in enumerate(buckets):
+            allowed = int(raw[4 * i]) == 1
+            retry = math.inf if not allowed and cost > burst else float(raw[4 * i + 2])
+            results.append(TakeResult(allowed, float(raw[4 * i + 1]), retry, float(raw[4 * i + 3])))
+        return tuple(results)
+
+    def adjust_nowait(
+        self,
+        key: str,
+        delta: float,
+        rate_per_s: float,
+        burst: float,
+        on_error: OnWriteError | None = None,
+    ) -> None:
+        _check_delta(delta, rate_per_s, burst)
+        queued = self._queued_buckets.get((key, rate_per_s, burst))
+        if queued is None:
+            queued = self._queued_buckets[(key, rate_per_s, burst)] = _Queued(None)
+        # Corrections to one bucket add up: taking first, then giving back, is one of the
+        # orders the separate writes could have landed in (a give-back stops at burst).
+        queued.delta += delta
+        queued.asked(on_error)
+        self._queue()
+
     async def add(
         self, key: str, fields: Mapping[str, float], ttl_s: float | None = None
     ) -> dict[str, float]:
-        _check_fields(fields)
-        if ttl_s is not None:
-            _check_finite("ttl_s", ttl_s, nonneg=True)
+        _check_add(fields, ttl_s)
         if not fields:
             return await self.get(key)
         args: list[str] = ["" if ttl_s is None else repr(float(ttl_s))]
@@ -576,6 +889,103 @@ class RedisStore(Store):
             args += [name, repr(float(value))]
         raw = await self._run("add", lambda: self._add_script(keys=[self._c(key)], args=args))
         return _floats(raw)
+
+    def add_nowait(
+        self,
+        key: str,
+        fields: Mapping[str, float],
+        ttl_s: float | None = None,
+        on_error: OnWriteError | None = None,
+    ) -> None:
+        _check_add(fields, ttl_s)
+        queued = self._queued_counters.get(key)
+        if queued is None:
+            queued = self._queued_counters[key] = _Queued(ttl_s)
+        elif queued.ttl_s is None:
+            queued.ttl_s = ttl_s  # the first TTL asked for is the one a key without one gets
+        sums = queued.fields
+        for name, value in fields.items():
+            sums[name] = sums.get(name, 0.0) + float(value)
+        queued.asked(on_error)
+        self._queue()
+
+    # -- the writer of queued writes --------------------------------------------------------
+
+    def _queue(self) -> None:
+        self._queued += 1
+        if self._writer is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no loop (shutting down): the next flush writes it
+                return
+            self._writer = loop.create_task(self._write_queued())
+
+    @property
+    def pending_writes(self) -> int:
+        return self._queued
+
+    async def _write_queued(self) -> None:
+        """Write what is queued, then what was queued meanwhile, until nothing is."""
+        try:
+            while self._queued_buckets or self._queued_counters:
+                buckets, self._queued_buckets = self._queued_buckets, {}
+                counters, self._queued_counters = self._queued_counters, {}
+                self._queued = 0
+                await self._write_batch(buckets, counters)
+        finally:
+            self._writer = None
+
+    async def _write_batch(
+        self, buckets: dict[tuple[str, float, float], _Queued], counters: dict[str, _Queued]
+    ) -> None:
+        writes: list[tuple[str, float | None, float | None, _Queued]] = [
+            (key, rate, burst, queued) for (key, rate, burst), queued in buckets.items()
+        ]
+        writes += [(key, None, None, queued) for key, queued in counters.items()]
+        failure: StoreUnavailable | None = None
+        for start in range(0, len(writes), _BATCH_KEYS):
+            chunk = writes[start : start + _BATCH_KEYS]
+            if failure is None:
+                failure = await self._write_chunk(chunk)
+            if failure is not None:  # the rest is not tried: the store is down
+                for key, _, _, queued in chunk:
+                    queued.failed(key, failure)
+
+    async def _write_chunk(
+        self, chunk: list[tuple[str, float | None, float | None, _Queued]]
+    ) -> StoreUnavailable | None:
+        """One script for up to _BATCH_KEYS keys, buckets first (``_LUA_BATCH``)."""
+        keys: list[str] = []
+        head: list[str] = []
+        tail: list[str] = []
+        for key, rate, burst, queued in chunk:
+            if rate is not None:
+                keys.append(self._b(key))
+                head += [repr(queued.delta), repr(float(rate)), repr(float(burst or 0))]
+        nb = len(keys)
+        for key, rate, _, queued in chunk:
+            if rate is None:
+                keys.append(self._c(key))
+                tail.append("" if queued.ttl_s is None else repr(float(queued.ttl_s)))
+                tail.append(str(len(queued.fields)))
+                for name, value in queued.fields.items():
+                    tail += [name, repr(value)]
+        args = [str(nb), "", *head, *tail]
+        try:
+            await self._run("write", lambda: self._batch_script(keys=keys, args=args))
+        except StoreUnavailable as exc:
+            return exc
+        except Exception as exc:  # never raised to a caller: it reaches on_error like an outage
+            return StoreUnavailable(f"redis write failed ({type(exc).__name__}: {exc})")
+        return None
+
+    async def flush(self) -> None:
+        while True:
+            if self._writer is None:
+                if not (self._queued_buckets or self._queued_counters):
+                    return
+                self._writer = asyncio.get_running_loop().create_task(self._write_queued())
+            await asyncio.wait({self._writer})  # not cancelled if flush is
 
     async def get(self, key: str) -> dict[str, float]:
         raw = await self._run("get", lambda: self._client.hgetall(self._c(key)))
@@ -630,10 +1040,7 @@ class RedisStore(Store):
         ttl_s: float | None = None,
         field: str = "spent",
     ) -> ReserveResult:
-        _check_finite("amount", amount, nonneg=True)
-        _check_finite("limit", limit)
-        if ttl_s is not None:
-            _check_finite("ttl_s", ttl_s, nonneg=True)
+        _check_reserve(amount, limit, ttl_s)
         args = [field, repr(float(amount)), repr(float(limit))]
         args += ["" if ttl_s is None else repr(float(ttl_s)), repr(_EPS)]
         raw = await self._run(
@@ -645,6 +1052,7 @@ class RedisStore(Store):
         await self._run("ping", self._client.ping)
 
     async def close(self) -> None:
+        await self.flush()
         await self._client.aclose(close_connection_pool=True)
 
     def __repr__(self) -> str:

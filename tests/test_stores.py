@@ -362,3 +362,226 @@ async def test_outage_and_recovery(redis_server: RedisServer) -> None:
             assert (await store.take("k", 1, 1, 1, now=1.0)).allowed
         finally:
             await store.close()
+
+
+# ---- several buckets at once ---------------------------------------------------------------
+
+
+async def test_take_all_takes_every_bucket_or_none(backend: Backend) -> None:
+    s = backend.store
+    r, t = ("r", 1.0, 1e-6, 3.0), ("t", 40.0, 1e-6, 100.0)
+    a, b = await s.take_all([r, t])
+    assert a.allowed and b.allowed and a.retry_after_s == 0 == b.retry_after_s
+    assert a.remaining == pytest.approx(2) and b.remaining == pytest.approx(60)
+    assert b.reset_s == pytest.approx(40 / 1e-6)
+    # the second bucket refuses: nothing is taken from the first, which is only peeked
+    a, b = await s.take_all([r, ("t", 70.0, 1e-6, 100.0)])
+    assert a.allowed and a.remaining == pytest.approx(2)
+    assert not b.allowed and b.remaining == pytest.approx(60)
+    assert b.retry_after_s == pytest.approx(10 / 1e-6)
+    assert (await s.take("r", 0, 1e-6, 3.0)).remaining == pytest.approx(2)
+    # the first refuses: the second is peeked, even though it would refuse too
+    assert (await s.take_all([r, t]))[0].allowed
+    assert (await s.take_all([r, ("t", 1.0, 1e-6, 100.0)]))[0].allowed  # r is empty now
+    a, b = await s.take_all([r, ("t", 500.0, 1e-6, 100.0)])
+    assert not a.allowed and a.remaining == pytest.approx(0, abs=1e-3) and a.retry_after_s > 0
+    assert b.allowed and b.remaining == pytest.approx(19) and b.retry_after_s == 0
+    # a cost above the burst never fits
+    _, never = await s.take_all([("r2", 1.0, 1.0, 5.0), ("t2", 101.0, 1.0, 100.0)])
+    assert not never.allowed and math.isinf(never.retry_after_s)
+    assert (await s.take("r2", 0, 1.0, 5.0)).remaining == pytest.approx(5)
+    # zero costs peek and write nothing; no buckets, no results
+    assert [x.allowed for x in await s.take_all([("z", 0.0, 1.0, 5.0)])] == [True]
+    assert await s.take_all([]) == ()
+
+
+async def test_take_all_refills_like_take(backend: Backend) -> None:
+    s = backend.store
+    assert (await s.take("k", 10, rate_per_s=2, burst=10, now=100.0)).allowed
+    a, b = await s.take_all([("k", 2, 2, 10), ("other", 1, 2, 10)], now=101.0)
+    assert a.allowed and a.remaining == pytest.approx(0) and b.remaining == pytest.approx(9)
+    a, _ = await s.take_all([("k", 1, 2, 10), ("other", 1, 2, 10)], now=101.25)
+    assert not a.allowed and a.retry_after_s == pytest.approx(0.25)
+    a, _ = await s.take_all([("k", 0, 2, 10), ("other", 0, 2, 10)], now=90.0)  # no going back
+    assert a.remaining == pytest.approx(0)
+
+
+@pytest.mark.parametrize("explicit_now", [True, False])
+async def test_concurrent_take_all_admit_exactly_the_smaller_burst(
+    backend: Backend, explicit_now: bool
+) -> None:
+    s = backend.store
+    now = 1000.0 if explicit_now else None
+    pair = [("req", 1.0, 1e-6, 100.0), ("tok", 10.0, 1e-6, 600.0)]  # tokens run out first
+    results = await asyncio.gather(*(s.take_all(pair, now=now) for _ in range(500)))
+    assert sum(a.allowed and b.allowed for a, b in results) == 60
+    assert sum(not b.allowed for _, b in results) == 440
+    # the refused requests took no request slot
+    assert (await s.take("req", 0, 1e-6, 100.0, now=now)).remaining == pytest.approx(40)
+    assert (await s.take("tok", 0, 1e-6, 600.0, now=now)).remaining == pytest.approx(0, abs=1e-3)
+
+
+async def test_two_pods_take_all_from_one_pair_on_redis_only(backend: Backend) -> None:
+    pods = (backend.store, backend.another())
+    pair = [("req", 1.0, 1e-6, 50.0), ("tok", 1.0, 1e-6, 1000.0)]
+    results = await asyncio.gather(*(pods[i % 2].take_all(pair) for i in range(200)))
+    admitted = sum(a.allowed and b.allowed for a, b in results)
+    assert admitted == (50 if backend.kind == "redis" else 100)
+
+
+async def test_take_all_input_validation(backend: Backend) -> None:
+    s = backend.store
+    for bad in [("k", 1.0, 0.0, 1.0), ("k", 1.0, 1.0, -1.0), ("k", -1.0, 1.0, 1.0)]:
+        with pytest.raises(ValueError):
+            await s.take_all([("ok", 1.0, 1.0, 1.0), bad])
+    with pytest.raises(ValueError):
+        await s.take_all([("k", math.nan, 1.0, 1.0)])
+    assert (await s.take("ok", 0, 1.0, 1.0)).remaining == pytest.approx(1)  # nothing taken
+
+
+# ---- writes without a wait ------------------------------------------------------------------
+
+
+class Errors:
+    """An `on_error` that records what it is told."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int, StoreUnavailable]] = []
+
+    def __call__(self, key: str, operations: int, error: StoreUnavailable) -> None:
+        self.calls.append((key, operations, error))
+
+    @property
+    def operations(self) -> int:
+        return sum(n for _, n, _ in self.calls)
+
+
+async def test_nowait_writes_add_up_exactly(backend: Backend) -> None:
+    s = backend.store
+    errors = Errors()
+    assert (await s.take("b", 40, rate_per_s=1e-6, burst=50)).allowed  # level 10
+    for _ in range(300):
+        s.add_nowait("c", {"n": 1, "tokens": 2.5}, on_error=errors)
+        s.adjust_nowait("b", -0.1, 1e-6, 50, on_error=errors)
+    s.add_nowait("c", {"tokens": -50})
+    s.adjust_nowait("b", 5, 1e-6, 50)  # taken again: level 35
+    if backend.kind == "memory":
+        assert s.pending_writes == 0  # applied at once, without a task
+        assert await s.get("c") == {"n": 300, "tokens": 700}
+    else:
+        assert s.pending_writes == 602
+    await s.flush()
+    assert s.pending_writes == 0
+    assert await s.get("c") == {"n": 300, "tokens": 700}
+    assert (await s.take("b", 0, 1e-6, 50)).remaining == pytest.approx(35)
+    # a give-back never goes above burst, a take may go into debt
+    s.adjust_nowait("b", -1000, 1e-6, 50)
+    await s.flush()
+    assert (await s.take("b", 0, 1e-6, 50)).remaining == pytest.approx(50)
+    s.adjust_nowait("b", 70, 1e-6, 50)
+    await s.flush()
+    assert (await s.take("b", 0, 1e-6, 50)).remaining == pytest.approx(-20)
+    assert errors.calls == []
+
+
+async def test_add_nowait_sets_the_first_ttl_only(backend: Backend) -> None:
+    s = backend.store
+    s.add_nowait("p", {"n": 1})  # no TTL asked for
+    s.add_nowait("p", {"n": 1}, ttl_s=60)  # the first TTL asked for
+    s.add_nowait("p", {"n": 1}, ttl_s=3600)  # later ones do not extend it
+    await s.flush()
+    ttl = await s.ttl("p")
+    assert ttl is not None and 59 <= ttl <= 60
+    assert await s.get("p") == {"n": 3}
+
+
+async def test_nowait_input_validation_raises_before_queueing(backend: Backend) -> None:
+    s = backend.store
+    with pytest.raises(ValueError):
+        s.add_nowait("c", {"x": math.nan})
+    with pytest.raises(ValueError):
+        s.add_nowait("c", {"x": 1}, ttl_s=-1)
+    with pytest.raises(ValueError):
+        s.adjust_nowait("b", math.inf, 1, 1)
+    with pytest.raises(ValueError):
+        s.adjust_nowait("b", 1, 0, 1)
+    assert s.pending_writes == 0
+    await s.flush()
+    assert await s.get("c") == {}
+
+
+async def test_redis_sends_queued_writes_in_batches(redis_server: RedisServer) -> None:
+    s = open_store(redis_server.url, f"batch-{uuid.uuid4().hex[:10]}:")
+    assert isinstance(s, RedisStore)
+    try:
+        await _batches(s)
+    finally:
+        await s.delete_prefix("")
+        await s.close()
+
+
+async def _batches(s: RedisStore) -> None:
+    scripts: list[int] = []
+    original = s._batch_script
+
+    async def counting(keys: list[str], args: list[str]) -> object:
+        scripts.append(len(keys))
+        return await original(keys=keys, args=args)
+
+    s._batch_script = counting  # type: ignore[assignment]
+    for i in range(1000):
+        s.add_nowait(f"k{i % 600}", {"n": 1})  # 600 keys: three scripts of up to 256
+        s.adjust_nowait("b", 1, 1e-6, 5000)  # one bucket, its corrections summed
+    await s.flush()
+    assert scripts == [256, 256, 89]
+    written = await s.scan("k")
+    assert len(written) == 600 and sum(v["n"] for v in written.values()) == 1000
+    assert (await s.take("b", 0, 1e-6, 5000)).remaining == pytest.approx(4000)
+    # writes queued while a batch is on its way go in the next one
+    scripts.clear()
+    s.add_nowait("late", {"n": 1})
+    await asyncio.sleep(0)  # the writer is sending
+    s.add_nowait("late", {"n": 1})
+    s.add_nowait("late", {"n": 1})
+    await s.flush()
+    assert scripts == [1, 1] and await s.get("late") == {"n": 3}
+
+
+async def test_redis_outage_reaches_on_error_never_the_caller(redis_server: RedisServer) -> None:
+    del redis_server  # only to fail early when redis-server is missing
+    with RedisServer() as own:
+        store = open_store(own.url, "outage-nowait:", timeout_s=0.3)
+        budget, limiter = Errors(), Errors()
+        try:
+            store.add_nowait("spent", {"tokens": 5}, ttl_s=60, on_error=budget)
+            await store.flush()
+            own.stop()
+            for _ in range(3):
+                store.add_nowait("spent", {"tokens": 1}, ttl_s=60, on_error=budget)
+                store.adjust_nowait("bucket", -1, 1, 10, on_error=limiter)
+            store.add_nowait("other", {"n": 1})  # no on_error: logged by the store
+            started = time.monotonic()
+            await store.flush()  # returns: the failure went to on_error
+            assert time.monotonic() - started < 1.0
+            assert budget.operations == 3 and limiter.operations == 3
+            assert {key for key, _, _ in budget.calls + limiter.calls} == {"spent", "bucket"}
+            assert all(isinstance(e, StoreUnavailable) for _, _, e in budget.calls)
+            assert store.pending_writes == 0  # lost, not retried forever
+            own.start()  # same port, empty
+            store.add_nowait("spent", {"tokens": 2}, on_error=budget)
+            await store.flush()
+            assert await store.get("spent") == {"tokens": 2}
+            assert budget.operations == 3
+        finally:
+            await store.close()
+
+
+async def test_close_writes_what_is_queued(backend: Backend) -> None:
+    s = backend.store
+    s.add_nowait("c", {"n": 1})
+    s.adjust_nowait("b", 3, 1e-6, 10)
+    other = backend.another()
+    await s.close()
+    if backend.kind == "redis":
+        assert await other.get("c") == {"n": 1}
+        assert (await other.take("b", 0, 1e-6, 10)).remaining == pytest.approx(7)
