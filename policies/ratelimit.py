@@ -38,7 +38,6 @@ token limit is configured (then the body is parsed once for the completion cap).
 
 from __future__ import annotations
 
-import asyncio
 import math
 from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
@@ -128,9 +127,21 @@ def go_duration(seconds: float) -> str:
     """A duration as OpenAI's reset headers spell it (Go's time.Duration): 1s, 6m0s, 250ms."""
     if not math.isfinite(seconds):
         return "0s"
-    ms = max(0, math.ceil(seconds * 1000 - 1e-6))
-    if ms == 0:
+    ms = math.ceil(seconds * 1000 - 1e-6)
+    if ms <= 0:
         return "0s"
+    text = _DURATIONS.get(ms)
+    if text is None:
+        text = _spell_ms(ms)
+        if len(_DURATIONS) < 4096:  # the usual resets repeat: a request's, a refill's
+            _DURATIONS[ms] = text
+    return text
+
+
+_DURATIONS: dict[int, str] = {}
+
+
+def _spell_ms(ms: int) -> str:
     if ms < 1000:
         return f"{ms}ms"
     hours, rest = divmod(ms, 3_600_000)
@@ -140,6 +151,11 @@ def go_duration(seconds: float) -> str:
     if hours or minutes:
         out += f"{minutes}m"
     return f"{out}{secs}s"
+
+
+def _remaining(level: float) -> str:
+    """Whole units left (a debt shows as 0)."""
+    return str(int(level)) if level >= 1 else "0"
 
 
 def _retry_after(seconds: float) -> dict[str, str]:
@@ -156,20 +172,33 @@ def _number(value: Any) -> float | None:
 
 
 class _Limit:
-    """One bucket's parameters for this request."""
+    """One bucket's parameters (kept per key and tenant limits, see `RateLimit._limits`)."""
 
-    __slots__ = ("burst", "key", "limit", "rate_per_s")
+    __slots__ = ("burst", "key", "limit", "limit_text", "rate_per_s")
 
     def __init__(self, key: str, per_minute: float, burst: float) -> None:
         self.key = key
         self.limit = burst
         self.burst = burst
         self.rate_per_s = per_minute / 60.0
+        self.limit_text = str(int(burst))
+
+
+# Limits kept per bucket key; past this many keys the cache starts over.
+_MAX_CACHED_KEYS = 10_000
 
 
 @register("ratelimit")
 class RateLimit:
-    """Token buckets for requests and tokens per minute; see the module's docstring."""
+    """Token buckets for requests and tokens per minute; see the module's docstring.
+
+    With both limits, admission is one store call (`take_all`: both buckets in one atomic
+    step, so a request refused by one takes from neither). A stream's reconciliation is no
+    task of its own: `adjust_nowait` from the end callback (the memory store applies it at
+    once, the Redis store queues it and writes the queue in one script per batch); a failed
+    write is counted and logged like any other store error. The limits of a key (with its
+    tenant's overrides) are worked out once, not per request.
+    """
 
     config_model: ClassVar[type[BaseModel]] = RateLimitConfig
 
@@ -179,7 +208,9 @@ class RateLimit:
         self._routes = frozenset(config.routes)
         self._per = config.per
         self._use_overrides = config.per in ("tenant", "tenant_model")
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._headers_on = config.headers
+        # bucket key -> (the tenant's overrides they were made with, requests, tokens)
+        self._cache: dict[str, tuple[Any, _Limit | None, _Limit | None]] = {}
         rejections = context.metrics.counter(
             "ratelimit_rejections_total",
             "Requests refused by the rate limiter, by the limit they hit (requests|tokens).",
@@ -212,7 +243,7 @@ class RateLimit:
                     headers={"Retry-After": "1"},
                 ) from None
             return await call_next(exchange)
-        if self.config.headers:
+        if self._headers_on:
             self._headers(exchange.response_headers, requests, taken_r, tokens, taken_t)
         if tokens is None:
             return await call_next(exchange)
@@ -220,71 +251,58 @@ class RateLimit:
             reply = await call_next(exchange)
         except SidecarError:
             # No answer from the upstream (down, refused, timed out): nothing was generated.
-            await self._settle(exchange, tokens, cost, 0, update_headers=False)
+            if cost:
+                self._settle_nowait(tokens, cost, 0.0)
             raise
         if reply.chunks is None:
-            await self._finish(exchange, reply, tokens, cost, update_headers=True)
+            actual = _actual(exchange, reply.status)
+            if actual is not None and actual != cost:
+                await self._settle(exchange, tokens, cost, actual)
             return reply
 
         def on_end(how: StreamEnd, error: object) -> None:
-            task = asyncio.get_running_loop().create_task(
-                self._finish(exchange, reply, tokens, cost, update_headers=False)
-            )
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            actual = _actual(exchange, reply.status)
+            if actual is not None and actual != cost:
+                self._settle_nowait(tokens, cost, actual)
 
         return watch_stream(reply, on_end)
 
     async def _admit(
         self, requests: _Limit | None, tokens: _Limit | None, cost: float
     ) -> tuple[TakeResult | None, TakeResult | None]:
+        """One atomic step for both buckets: a request refused by either takes from neither."""
         store = self.store
-        taken_r = taken_t = None
-        if requests is not None:
+        if tokens is None:
+            assert requests is not None
             taken_r = await store.take(requests.key, 1, requests.rate_per_s, requests.burst)
             if not taken_r.allowed:
-                if tokens is not None:  # a peek, for the headers only
-                    taken_t = await store.take(tokens.key, 0, tokens.rate_per_s, tokens.burst)
                 self._rejected_requests.inc()
-                raise self._refusal("requests", requests, taken_r, 1, tokens, taken_t)
-        if tokens is not None:
+                raise self._refusal("requests", requests, taken_r, 1, None, None)
+            return taken_r, None
+        if requests is None:
             taken_t = await store.take(tokens.key, cost, tokens.rate_per_s, tokens.burst)
             if not taken_t.allowed:
-                if requests is not None:  # the request was not admitted: give its slot back
-                    taken_r = await store.refund(
-                        requests.key, 1, requests.rate_per_s, requests.burst
-                    )
                 self._rejected_tokens.inc()
-                raise self._refusal("tokens", tokens, taken_t, cost, requests, taken_r)
+                raise self._refusal("tokens", tokens, taken_t, cost, None, None)
+            return None, taken_t
+        taken_r, taken_t = await store.take_all(
+            (
+                (requests.key, 1, requests.rate_per_s, requests.burst),
+                (tokens.key, cost, tokens.rate_per_s, tokens.burst),
+            )
+        )
+        if not taken_r.allowed:
+            self._rejected_requests.inc()
+            raise self._refusal("requests", requests, taken_r, 1, tokens, taken_t)
+        if not taken_t.allowed:
+            self._rejected_tokens.inc()
+            raise self._refusal("tokens", tokens, taken_t, cost, requests, taken_r)
         return taken_r, taken_t
 
-    async def _finish(
-        self,
-        exchange: Exchange,
-        reply: Reply,
-        tokens: _Limit,
-        reserved: float,
-        update_headers: bool,
-    ) -> None:
-        usage = exchange.facts.get("usage")
-        total = usage.get("total_tokens") if isinstance(usage, dict) else None
-        actual = 0.0 if total == 0 else _number(total)
-        if actual is None:
-            if reply.status < 400:
-                return  # no usage fact: the reservation stands
-            actual = 0.0  # the upstream refused: nothing generated
-        await self._settle(exchange, tokens, reserved, actual, update_headers)
-
     async def _settle(
-        self,
-        exchange: Exchange,
-        tokens: _Limit,
-        reserved: float,
-        actual: float,
-        update_headers: bool,
+        self, exchange: Exchange, tokens: _Limit, reserved: float, actual: float
     ) -> None:
-        if actual == reserved:
-            return
+        """A plain answer's reconciliation, awaited: its headers show the real usage."""
         try:
             result = await self.store.reconcile(
                 tokens.key, reserved, actual, tokens.rate_per_s, tokens.burst
@@ -292,11 +310,32 @@ class RateLimit:
         except StoreUnavailable as exc:
             self._store_failed("reconcile", exc)
             return
-        except Exception:  # reconciliation must never break an answer or a relay's clean-up
+        except Exception:  # reconciliation must never break an answer
             _log().exception("ratelimit_reconcile_failed", key=tokens.key)
             return
-        if update_headers and self.config.headers:
+        if self._headers_on:
             _token_headers(exchange.response_headers, tokens, result)
+
+    def _settle_nowait(self, tokens: _Limit, reserved: float, actual: float) -> None:
+        """Reconcile from a synchronous callback (a stream's end, an upstream failure): the
+        store applies it at once (memory) or queues it (Redis); failures reach `_write_failed`."""
+        try:
+            self.store.adjust_nowait(
+                tokens.key, actual - reserved, tokens.rate_per_s, tokens.burst, self._write_failed
+            )
+        except Exception:  # never break a relay's clean-up
+            _log().exception("ratelimit_reconcile_failed", key=tokens.key)
+
+    def _write_failed(self, key: str, operations: int, exc: StoreUnavailable) -> None:
+        self._store_errors.inc(operations)
+        _log().warning(
+            "ratelimit_store_unavailable",
+            operation="reconcile",
+            operations=operations,
+            key=key,
+            on_store_error=self.config.on_store_error,
+            error=str(exc),
+        )
 
     def _store_failed(self, what: str, exc: StoreUnavailable) -> None:
         self._store_errors.inc()
@@ -310,7 +349,6 @@ class RateLimit:
     # --- keys, limits and the estimate -------------------------------------------
 
     def _limits(self, exchange: Exchange) -> tuple[_Limit | None, _Limit | None]:
-        config = self.config
         facts = exchange.facts
         per = self._per
         if per == "global":
@@ -321,14 +359,23 @@ class RateLimit:
             key = "m=" + (exchange.model or "")
         else:
             key = "t=" + str(facts.get("tenant", ANONYMOUS)) + "|m=" + (exchange.model or "")
+        overrides = facts.get("tenant_overrides") if self._use_overrides else None
+        cached = self._cache.get(key)
+        # auth's overrides are immutable mappings, one per tenant: the same object, the same
+        # limits (a reloaded auth makes new ones, and new limits here).
+        if cached is not None and cached[0] is overrides:
+            return cached[1], cached[2]
+        config = self.config
         rpm, tpm = config.requests_per_minute, config.tokens_per_minute
         burst_r, burst_t = config.burst_requests, config.burst_tokens
-        overrides = facts.get("tenant_overrides") if self._use_overrides else None
         if overrides:
             rpm, burst_r = _override(overrides, "requests", rpm, burst_r)
             tpm, burst_t = _override(overrides, "tokens", tpm, burst_t)
         requests = None if rpm is None else _Limit(f"rl:r:{key}", rpm, burst_r or rpm)
         tokens = None if tpm is None else _Limit(f"rl:t:{key}", tpm, burst_t or tpm)
+        if len(self._cache) >= _MAX_CACHED_KEYS:
+            self._cache.clear()
+        self._cache[key] = (overrides, requests, tokens)
         return requests, tokens
 
     def _estimate(self, exchange: Exchange) -> int:
@@ -338,9 +385,11 @@ class RateLimit:
         document = exchange.json
         if isinstance(document, dict):
             for name in _CAP_FIELDS:
-                completion = _number(document.get(name))
-                if completion is not None:
-                    break
+                value = document.get(name)
+                if value is not None:
+                    completion = _number(value)
+                    if completion is not None:
+                        break
             if completion is None:
                 options = document.get("options")
                 if isinstance(options, dict):
@@ -391,8 +440,8 @@ class RateLimit:
         taken_t: TakeResult | None,
     ) -> None:
         if requests is not None and taken_r is not None:
-            headers["x-ratelimit-limit-requests"] = str(int(requests.limit))
-            headers["x-ratelimit-remaining-requests"] = str(max(0, math.floor(taken_r.remaining)))
+            headers["x-ratelimit-limit-requests"] = requests.limit_text
+            headers["x-ratelimit-remaining-requests"] = _remaining(taken_r.remaining)
             headers["x-ratelimit-reset-requests"] = go_duration(taken_r.reset_s)
         if tokens is not None and taken_t is not None:
             _token_headers(headers, tokens, taken_t)
@@ -400,17 +449,27 @@ class RateLimit:
     # --- lifecycle --------------------------------------------------------------------
 
     async def close(self) -> None:
-        """Let pending stream reconciliations finish (each is bounded by the store's timeout)."""
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        """Let queued stream reconciliations reach the store (each write bounded by its timeout)."""
+        await self.store.flush()
 
     def readiness(self) -> dict[str, Any]:
-        return {"per": self._per, "pending_reconciliations": len(self._tasks)}
+        return {"per": self._per, "pending_reconciliations": self.store.pending_writes}
+
+
+def _actual(exchange: Exchange, status: int) -> float | None:
+    """The tokens an answer really used, from metering's usage fact; None: keep the
+    reservation (no usage fact on a success), 0 when the upstream refused."""
+    usage = exchange.facts.get("usage")
+    total = usage.get("total_tokens") if isinstance(usage, dict) else None
+    actual = 0.0 if total == 0 else _number(total)
+    if actual is None and status >= 400:
+        return 0.0  # the upstream refused: nothing generated
+    return actual
 
 
 def _token_headers(headers: Any, tokens: _Limit, result: TakeResult) -> None:
-    headers["x-ratelimit-limit-tokens"] = str(int(tokens.limit))
-    headers["x-ratelimit-remaining-tokens"] = str(max(0, math.floor(result.remaining)))
+    headers["x-ratelimit-limit-tokens"] = tokens.limit_text
+    headers["x-ratelimit-remaining-tokens"] = _remaining(result.remaining)
     headers["x-ratelimit-reset-tokens"] = go_duration(result.reset_s)
 
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncGenerator, Iterator
+from types import MappingProxyType
 from typing import Any
 
 import aiohttp
@@ -21,13 +22,13 @@ import policies.metering  # registers "metering"
 import policies.ratelimit  # noqa: F401 - registers "ratelimit"
 from policies.ratelimit import RateLimit, RateLimitConfig, go_duration
 from sidecar.app import Sidecar
-from sidecar.chain import PolicyContext
+from sidecar.chain import Next, PolicyContext
 from sidecar.config import parse_settings
 from sidecar.errors import SidecarError
 from sidecar.exchange import Exchange, Reply
 from sidecar.observability import Metrics
 from sidecar.routes import ROUTES
-from sidecar.stores import open_store
+from sidecar.stores import Store, open_store
 from tests.conftest import SidecarFactory
 from tests.redis_server import RedisServer
 
@@ -459,3 +460,112 @@ async def test_redis_down_follows_on_store_error_and_recovers(
             break
         await asyncio.sleep(0.1)
     assert statuses == [200, 429]
+
+
+# --- reconciliation without a task per request -------------------------------------------------
+
+
+def _policy(store: Store, metrics: Metrics, **options: Any) -> RateLimit:
+    context = PolicyContext(settings=parse_settings({}), metrics=metrics, store=store)
+    return RateLimit(RateLimitConfig(**options), context)
+
+
+def _stream_using(total_tokens: int) -> Next:
+    """An upstream whose stream ends with metering's usage fact."""
+
+    async def call_next(exchange: Exchange) -> Reply:
+        async def chunks() -> AsyncGenerator[bytes, None]:
+            yield b"data: {}\n\n"
+            exchange.facts["usage"] = {"total_tokens": total_tokens}
+
+        return Reply(200, CIMultiDict(), chunks=chunks(), stream_format="sse")
+
+    return call_next
+
+
+async def _drain(reply: Reply) -> None:
+    assert reply.chunks is not None
+    async for _ in reply.chunks:
+        pass
+
+
+TOKENS = "rl:t:t=anonymous"  # the token bucket of _exchange()'s (anonymous) tenant
+
+
+async def test_a_stream_end_reconciles_at_once_without_a_task() -> None:
+    store = open_store(None)
+    policy = _policy(store, Metrics(), tokens_per_minute=0.001, burst_tokens=5000)
+    exchange = _exchange()
+    reply = await policy(exchange, _stream_using(30))
+    reserved = 5000 - int(exchange.response_headers["x-ratelimit-remaining-tokens"])
+    assert reserved > 256  # the prompt estimate and the default completion
+    tasks = len(asyncio.all_tasks())
+    await _drain(reply)
+    # applied by the stream's end callback itself: no task, nothing pending
+    assert len(asyncio.all_tasks()) == tasks and store.pending_writes == 0
+    remaining = (await store.take(TOKENS, 0, 0.001 / 60, 5000)).remaining
+    assert remaining == pytest.approx(5000 - 30, abs=1e-3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_stream_and_upstream_failure_settle_through_the_queue(
+    backend: str, request: pytest.FixtureRequest
+) -> None:
+    url = request.getfixturevalue("redis_server").url if backend == "redis" else None
+    store = open_store(url, f"rl-test-{uuid.uuid4().hex[:10]}:")
+    policy = _policy(store, Metrics(), tokens_per_minute=0.001, burst_tokens=5000)
+
+    async def down(exchange: Exchange) -> Reply:
+        raise SidecarError(502, "upstream down", code="upstream_unavailable")
+
+    try:
+        replies = [await policy(_exchange(), _stream_using(30 + i)) for i in range(10)]
+        for reply in replies:
+            await _drain(reply)
+        for _ in range(5):  # no answer at all: the reservation goes back
+            with pytest.raises(SidecarError):
+                await policy(_exchange(), down)
+        await policy.close()  # the queued reconciliations are written
+        assert store.pending_writes == 0
+        remaining = (await store.take(TOKENS, 0, 0.001 / 60, 5000)).remaining
+        assert remaining == pytest.approx(5000 - sum(30 + i for i in range(10)), abs=1e-3)
+        assert policy.readiness()["pending_reconciliations"] == 0
+    finally:
+        if url is not None:
+            await store.delete_prefix("")
+        await store.close()
+
+
+async def test_reconciliation_lost_to_an_outage_is_counted(redis_server: RedisServer) -> None:
+    del redis_server  # only to fail early when redis-server is missing
+    with RedisServer() as own:
+        store = open_store(own.url, "rl-outage:", timeout_s=0.3)
+        metrics = Metrics()
+        policy = _policy(store, metrics, tokens_per_minute=60, burst_tokens=5000)
+        try:
+            replies = [await policy(_exchange(), _stream_using(30)) for _ in range(3)]
+            own.stop()
+            for reply in replies:
+                await _drain(reply)  # the streams end normally
+            await asyncio.wait_for(policy.close(), 5)
+            errors = metrics.registry.get_sample_value(
+                "ollama_sidecar_ratelimit_store_errors_total", {}
+            )
+            assert errors == 3  # one per lost reconciliation
+        finally:
+            await store.close()
+
+
+async def test_a_tenants_limits_follow_its_overrides_object() -> None:
+    """Limits are worked out once per key and auth's overrides object, not per request."""
+    policy = _policy(open_store(None), Metrics(), requests_per_minute=1)
+    first = MappingProxyType({"requests_per_minute": 3})
+    # a reloaded auth: a new mapping, new limits at once
+    second = MappingProxyType({"requests_per_minute": 7, "burst_requests": 9})
+    for overrides, limit in [(first, "3"), (first, "3"), (second, "9"), (None, "1")]:
+        exchange = _exchange()
+        exchange.facts.update(tenant="t", tenant_overrides=overrides)
+        if overrides is None:
+            exchange.facts["tenant"] = "u"
+        await policy(exchange, _ok)
+        assert exchange.response_headers["x-ratelimit-limit-requests"] == limit
