@@ -174,10 +174,9 @@ class Tracing:
         request.facts = exchange.facts
         request.response_headers = exchange.response_headers
         request.status = reply.status
-        if isinstance(chunks, WatchedChunks) and chunks._on_first is None:
+        if isinstance(chunks, WatchedChunks) and chunks.on_first(request.first):
             # Join the stream the steps after this one already watch: no wrapper, no
             # extra call per chunk.
-            chunks._on_first = request.first
             chunks.watch(request.end)
             return reply
         return reply.with_chunks(WatchedChunks(chunks, request.end, on_first=request.first))

@@ -61,6 +61,13 @@ class WatchedChunks(AsyncGenerator[bytes, None]):
         else:
             self._on_end.append(on_end)
 
+    def on_first(self, callback: Callable[[], None]) -> bool:
+        """Call `callback` as the first chunk is given out; False if another one is set."""
+        if self._on_first is not None:
+            return False
+        self._on_first = callback
+        return True
+
     def put_back(self, chunk: bytes) -> None:
         """Give `chunk` (just read from this stream) out again first."""
         assert self._first is None, "one chunk at a time"

@@ -102,11 +102,15 @@ class Upstream:
         return self._observed_send(exchange, exchange.attempt_observers)
 
     async def _observed_send(self, exchange: Exchange, observers: list[AttemptObserver]) -> Reply:
-        ends = [observe(exchange) for observe in observers]
+        finish: AttemptEnd
+        if len(observers) == 1:  # the usual case (tracing): its end is the attempt's end
+            finish = observers[0](exchange)
+        else:
+            ends = [observe(exchange) for observe in observers]
 
-        def finish(status: int | None, error: BaseException | None) -> None:
-            for end in ends:
-                end(status, error)
+            def finish(status: int | None, error: BaseException | None) -> None:
+                for end in ends:
+                    end(status, error)
 
         try:
             reply = await self._send(exchange, finish)
