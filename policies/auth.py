@@ -2,10 +2,13 @@
 
 Clients send their key as OpenAI clients do, `Authorization: Bearer <key>`, or
 as Anthropic-shaped clients do, `x-api-key: <key>` (when both are present the
-Authorization header is the one checked). The sidecar keeps only SHA-256
-digests of the keys: a request's key is hashed first and the digest looked up,
-so nothing is ever compared against a plaintext key and the time taken does not
-depend on how much of a key was right. Neither header reaches the upstream.
+Authorization header is the one checked). The configured keys are kept only as
+SHA-256 digests: a request's key is hashed first and the digest looked up, so
+no configured key is ever compared as plaintext and the time taken does not
+depend on how much of a key was right. A header value whose key was found is
+then remembered with its tenant (at most 1,024 values, all forgotten whenever
+the keys change, so a removed key stops working at once): a returning client
+costs one dict lookup, not a hash. Neither header reaches the upstream.
 
 Keys come from up to three sources, merged (the same key for two tenants is an
 error):
@@ -47,7 +50,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from types import MappingProxyType
 from typing import Annotated, Any, ClassVar
 
@@ -82,6 +85,8 @@ _TENANT = re.compile(TENANT_PATTERN)
 _ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
 _HEADER_NAME = r"^[A-Za-z0-9-]{1,64}$"
 _NO_OVERRIDES: Mapping[str, Any] = MappingProxyType({})
+# Header values remembered with their tenant (see Auth.__init__); more empty the table.
+_SEEN_MAX = 1024
 
 MISSING_MESSAGE = "missing API key: send it as `Authorization: Bearer <key>` or `x-api-key: <key>`"
 INVALID_MESSAGE = "invalid API key"
@@ -283,7 +288,13 @@ class Auth:
                 )
             merge_keys(base, parse_key_list(value, f"keys_env {config.keys_env}"), "keys_env")
         self._base_keys = base
-        self.keys: dict[bytes, str] = base
+        # Tenants by the header value a client presented (Authorization, or x-api-key
+        # without one), so a known client costs a dict lookup, not a SHA-256. Only
+        # keys found are kept, at most _SEEN_MAX header values, and the table is
+        # emptied whenever the keys change: a removed key stops working at once.
+        self._by_authorization: dict[str, str] = {}
+        self._by_api_key: dict[str, str] = {}
+        self.keys = base
         self.upstream_authorization: str | None = None
         if config.upstream_api_key_env is not None:
             upstream_key = os.environ.get(config.upstream_api_key_env, "").strip()
@@ -319,6 +330,17 @@ class Auth:
                 reason="no client key is configured yet; every keyed request is refused",
             )
 
+    @property
+    def keys(self) -> dict[bytes, str]:
+        """The client keys in force: digest → tenant."""
+        return self._keys
+
+    @keys.setter
+    def keys(self, keys: dict[bytes, str]) -> None:
+        self._keys = keys
+        self._by_authorization.clear()
+        self._by_api_key.clear()
+
     def _refresh_keys_file(self, now: float) -> None:
         """Re-read keys_file if its stat changed; a bad file keeps the last good keys."""
         assert self.keys_file is not None
@@ -348,7 +370,9 @@ class Auth:
         self._invalid.inc()
         return SidecarError(401, INVALID_MESSAGE, code="invalid_api_key", headers=_CHALLENGE)
 
-    async def __call__(self, exchange: Exchange, call_next: Next) -> Reply:
+    def __call__(self, exchange: Exchange, call_next: Next) -> Awaitable[Reply]:
+        # Not a coroutine: auth has nothing to do with the reply, so it hands back
+        # the next step's awaitable (a refusal raises as the caller awaits it).
         if self.keys_file is not None:
             now = self.clock()
             if now >= self._next_check:
@@ -356,16 +380,22 @@ class Auth:
         headers = exchange.headers
         authorization = headers.get("Authorization")
         api_key = headers.get("x-api-key")
+        facts = exchange.facts
         if authorization is not None:
-            scheme, _, token = authorization.strip().partition(" ")
-            key = token.strip() if scheme.lower() == "bearer" else ""
+            tenant = self._by_authorization.get(authorization)
+            if tenant is None:
+                scheme, _, token = authorization.strip().partition(" ")
+                key = token.strip() if scheme.lower() == "bearer" else ""
+                tenant = self._tenant_of(key, self._by_authorization, authorization)
+        elif api_key is not None:
+            tenant = self._by_api_key.get(api_key)
+            if tenant is None:
+                tenant = self._tenant_of(api_key.strip(), self._by_api_key, api_key)
         else:
-            key = api_key.strip() if api_key is not None else ""
-        if authorization is None and api_key is None:
             if not self.allow_anonymous:
                 raise self._refuse(missing=True)
             tenant = ANONYMOUS
-            exchange.facts["auth"] = "anonymous"
+            facts["auth"] = "anonymous"
             if self.tenant_header is not None:
                 claimed = headers.get(self.tenant_header)
                 if claimed is not None:
@@ -376,15 +406,9 @@ class Auth:
                             code="invalid_tenant",
                         )
                     tenant = claimed
-                    exchange.facts["auth"] = "header"
-        else:
-            # Hash first, then look up: the lookup's timing depends on the digest, never
-            # on how much of a plaintext key matched.
-            found = self.keys.get(key_digest(key)) if key else None
-            if found is None:
-                raise self._refuse(missing=False)
-            tenant = found
-            exchange.facts["auth"] = "key"
+                    facts["auth"] = "header"
+        if authorization is not None or api_key is not None:
+            facts["auth"] = "key"
             if api_key is not None or (authorization is not None and self.forward_authorization):
                 # The core forwards x-api-key (and Authorization when configured to):
                 # the sidecar's key must not leave the pod.
@@ -392,8 +416,20 @@ class Auth:
                 trimmed.popall("x-api-key", None)
                 trimmed.popall("Authorization", None)
                 exchange.headers = CIMultiDictProxy(trimmed)
-        exchange.facts["tenant"] = tenant
-        exchange.facts["tenant_overrides"] = self.overrides.get(tenant, _NO_OVERRIDES)
+        facts["tenant"] = tenant
+        facts["tenant_overrides"] = self.overrides.get(tenant, _NO_OVERRIDES)
         if self.upstream_authorization is not None:
             exchange.upstream_headers["Authorization"] = self.upstream_authorization
-        return await call_next(exchange)
+        return call_next(exchange)
+
+    def _tenant_of(self, key: str, seen: dict[str, str], presented: str) -> str:
+        """The tenant of a key (hashed, then looked up), remembered by its header value."""
+        # Hash first, then look up: the lookup's timing depends on the digest, never
+        # on how much of a plaintext key matched.
+        found = self._keys.get(key_digest(key)) if key else None
+        if found is None:
+            raise self._refuse(missing=False)
+        if len(seen) >= _SEEN_MAX:
+            seen.clear()
+        seen[presented] = found
+        return found

@@ -12,13 +12,17 @@ from typing import Any, ClassVar
 import aiohttp
 import orjson
 import pytest
+from multidict import CIMultiDict, CIMultiDictProxy
 from pydantic import BaseModel, ConfigDict
 
 import policies.auth  # registers "auth"
 from sidecar.chain import Next, PolicyContext
 from sidecar.cli import main
 from sidecar.config import ConfigError, parse_settings
+from sidecar.errors import SidecarError
 from sidecar.exchange import Exchange, Reply
+from sidecar.observability import Metrics
+from sidecar.routes import find_route
 from tests.conftest import JsonLogs, SidecarFactory, settings_for
 from tests.fake_ollama import FakeOllama
 
@@ -479,3 +483,77 @@ async def test_only_digests_are_kept_and_a_reload_swaps_the_keys(
     assert status == 401
     status, headers, _ = await chat(http, sidecar.url, {"Authorization": f"Bearer {KEY_B}"})
     assert status == 200 and headers["X-Test-Tenant"] == "team-b"
+
+
+def direct_auth(**options: Any) -> policies.auth.Auth:
+    """An Auth policy built outside a sidecar, called directly in the tests below."""
+    settings = settings_for("http://127.0.0.1:9", [])
+    config = policies.auth.AuthConfig(
+        **{"keys": [{"key_sha256": sha(KEY_A), "tenant": "team-a"}], **options}
+    )
+    return policies.auth.Auth(config, PolicyContext(settings=settings, metrics=Metrics()))
+
+
+async def admitted(auth: policies.auth.Auth, headers: dict[str, str]) -> str | None:
+    """The tenant auth gives a request with `headers`, None when it is refused."""
+    match = find_route("/v1/chat/completions")
+    exchange = Exchange(
+        method="POST",
+        route=match.route,
+        path=match.upstream_path,
+        query_string="",
+        headers=CIMultiDictProxy(CIMultiDict(headers)),
+        body=orjson.dumps(CHAT),
+    )
+
+    async def answer(exchange: Exchange) -> Reply:
+        return Reply(200, CIMultiDict())
+
+    try:
+        await auth(exchange, answer)
+    except SidecarError as error:
+        assert error.status == 401
+        return None
+    return str(exchange.facts["tenant"])
+
+
+async def test_a_known_header_value_is_not_hashed_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    auth = direct_auth()
+    hashed: list[str] = []
+    digest = policies.auth.key_digest
+
+    def counting(key: str) -> bytes:
+        hashed.append(key)
+        return digest(key)
+
+    monkeypatch.setattr(policies.auth, "key_digest", counting)
+    for _ in range(3):
+        assert await admitted(auth, {"Authorization": f"Bearer {KEY_A}"}) == "team-a"
+        assert await admitted(auth, {"x-api-key": KEY_A}) == "team-a"
+    assert len(hashed) == 2  # once per header it came in
+    # A wrong key is never remembered: each one is hashed and refused.
+    for _ in range(2):
+        assert await admitted(auth, {"Authorization": f"Bearer {WRONG}"}) is None
+        assert await admitted(auth, {"x-api-key": WRONG}) is None
+    assert len(hashed) == 6
+    # What Authorization carries is not an x-api-key value, nor the other way round.
+    assert await admitted(auth, {"x-api-key": f"Bearer {KEY_A}"}) is None
+    assert await admitted(auth, {"Authorization": KEY_A}) is None
+
+
+async def test_remembered_header_values_are_bounded_and_forgotten_with_the_keys() -> None:
+    auth = direct_auth()
+    # Header values that differ only in padding all carry KEY_A.
+    for padding in range(policies.auth._SEEN_MAX + 10):
+        header = f"Bearer {KEY_A}" + " " * padding
+        assert await admitted(auth, {"Authorization": header}) == "team-a"
+    assert 0 < len(auth._by_authorization) <= policies.auth._SEEN_MAX
+    assert await admitted(auth, {"Authorization": f"Bearer {KEY_A}"}) == "team-a"
+    assert await admitted(auth, {"x-api-key": KEY_A}) == "team-a"
+    # The keys change (a Secret rotated): team-a's key stops working at once.
+    auth.keys = {hashlib.sha256(KEY_B.encode()).digest(): "team-b"}
+    assert await admitted(auth, {"Authorization": f"Bearer {KEY_A}"}) is None
+    assert await admitted(auth, {"x-api-key": KEY_A}) is None
+    assert await admitted(auth, {"Authorization": f"Bearer {KEY_B}"}) == "team-b"
