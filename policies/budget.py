@@ -49,7 +49,6 @@ same key; when the second is refused the first is given back at once.
 
 from __future__ import annotations
 
-import asyncio
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -77,6 +76,7 @@ KEY_PREFIX = "budget:"
 PERIOD_GRACE_S = 3600.0
 ANONYMOUS = "anonymous"
 OTHER = "other"
+_NUMBERS = (int, float)  # exact types, the usual case; subclasses (not bool) are numbers too
 
 
 def _log() -> Any:
@@ -222,6 +222,34 @@ class _Labels:
         return value
 
 
+class _Ratio:
+    """The value `budget_used_ratio` shows for one tenant label (read when scraped)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+
+class _Tenant:
+    """What is worked out once per tenant (and its auth overrides), not per request."""
+
+    __slots__ = ("cost_limit", "key", "overrides", "period_id", "ratio", "token_limit")
+
+    def __init__(self, overrides: Any, token_limit: float | None, cost_limit: float | None) -> None:
+        self.overrides = overrides  # auth's immutable mapping: the same object, the same limits
+        self.token_limit = token_limit
+        self.cost_limit = cost_limit
+        self.period_id = ""
+        self.key = ""  # the store key of `period_id`
+        self.ratio: _Ratio | None = None
+
+
+# Tenants whose limits are kept worked out; past this many the cache starts over.
+_MAX_KNOWN_TENANTS = 10_000
+_NO_PERIOD = Period("", 0.0, 0.0)
+
+
 @dataclass(slots=True)
 class _Held:
     """What one request reserved, to be reconciled when its answer ends."""
@@ -246,7 +274,9 @@ class Budget:
         # Tests replace it to cross a period boundary without waiting.
         self.now: Callable[[], float] = time.time
         self._labels = _Labels(config.max_tenants)
-        self._pending: set[asyncio.Task[None]] = set()
+        self._tenants: dict[str, _Tenant] = {}
+        self._ratios: dict[str, _Ratio] = {}  # by tenant label
+        self._period = _NO_PERIOD  # the last period seen, reused while `now` is inside it
         # Limits seen per tenant (from auth's overrides), for usage_detail; bounded.
         self._seen: dict[str, tuple[float | None, float | None]] = {}
         self._store_errors_seen = 0
@@ -309,17 +339,22 @@ class Budget:
         facts = exchange.facts
         tenant = str(facts.get("tenant") or ANONYMOUS)
         overrides = facts.get("tenant_overrides")
-        token_limit, cost_limit = self.limits_for(
-            tenant, overrides if isinstance(overrides, Mapping) else None
-        )
-        if overrides and (tenant in self._seen or len(self._seen) < self.config.max_tenants):
-            self._seen[tenant] = (token_limit, cost_limit)
+        known = self._tenants.get(tenant)
+        if known is None or known.overrides is not overrides:
+            known = self._know(tenant, overrides)
+        token_limit, cost_limit = known.token_limit, known.cost_limit
         if token_limit is None and cost_limit is None:
             return await call_next(exchange)
-        period = self.period()
+        now = self.now()
+        period = self._period
+        if not period.start <= now < period.end:
+            period = self._period = self.period(now)
+        if known.period_id != period.id:
+            known.period_id = period.id
+            known.key = f"{KEY_PREFIX}{tenant}:{period.id}"
         held = _Held(
-            key=f"{KEY_PREFIX}{tenant}:{period.id}",
-            ttl_s=max(1.0, period.end - self.now()) + PERIOD_GRACE_S,
+            key=known.key,
+            ttl_s=max(1.0, period.end - now) + PERIOD_GRACE_S,
             tokens=float(reservation_tokens(exchange, self.config.default_max_tokens))
             if token_limit is not None
             else 0.0,
@@ -327,7 +362,7 @@ class Budget:
             reserved=True,
         )
         try:
-            refusal = await self._reserve(held, token_limit, cost_limit, tenant, period)
+            refusal = await self._reserve(held, known, tenant, period)
         except StoreUnavailable as exc:
             self._store_error("reserve", tenant, exc)
             if self.config.on_store_error == "deny":
@@ -346,33 +381,50 @@ class Budget:
         try:
             reply = await call_next(exchange)
         except Exception:
-            await self._reconcile(exchange, held, failed=True)
+            self._reconcile(exchange, held, failed=True)
             raise
         if reply.chunks is None:
-            await self._reconcile(exchange, held, failed=reply.status >= 400)
+            self._reconcile(exchange, held, failed=reply.status >= 400)
             return reply
 
         def ended(how: StreamEnd, error: StreamInterrupted | None) -> None:
-            self._settle(exchange, held, failed=False)
+            self._reconcile(exchange, held, failed=False)
 
         return watch_stream(reply, ended)
 
+    def _know(self, tenant: str, overrides: Any) -> _Tenant:
+        """Work out a tenant's limits (once per tenant and overrides object)."""
+        token_limit, cost_limit = self.limits_for(
+            tenant, overrides if isinstance(overrides, Mapping) else None
+        )
+        if overrides and (tenant in self._seen or len(self._seen) < self.config.max_tenants):
+            self._seen[tenant] = (token_limit, cost_limit)
+        if len(self._tenants) >= _MAX_KNOWN_TENANTS:
+            self._tenants.clear()
+        known = self._tenants[tenant] = _Tenant(overrides, token_limit, cost_limit)
+        return known
+
+    def _ratio(self, tenant: str) -> _Ratio:
+        """The gauge value of the tenant's label; the gauge reads it when scraped."""
+        label = self._labels(tenant)
+        ratio = self._ratios.get(label)
+        if ratio is None:
+            ratio = self._ratios[label] = _Ratio()
+            self._used.labels(label).set_function(lambda: ratio.value)
+        return ratio
+
     async def _reserve(
-        self,
-        held: _Held,
-        token_limit: float | None,
-        cost_limit: float | None,
-        tenant: str,
-        period: Period,
+        self, held: _Held, known: _Tenant, tenant: str, period: Period
     ) -> SidecarError | None:
         """Take the reservation; a refusal to raise when it does not fit, else None."""
         store = self.store
+        token_limit, cost_limit = known.token_limit, known.cost_limit
         used = 0.0
         if token_limit is not None:
             result = await store.reserve(held.key, held.tokens, token_limit, held.ttl_s, "tokens")
             used = _share(result.spent, token_limit)
             if not result.allowed:
-                self._used.labels(self._labels(tenant)).set(max(used, 1.0))
+                self._set_used(known, tenant, max(used, 1.0))
                 return self._refusal(
                     tenant, "tokens", token_limit, result.spent, held.tokens, period
                 )
@@ -391,11 +443,16 @@ class Budget:
                     await store.add(held.key, {"cost": -held.cost})
                 if held.tokens:
                     await self._give_back(held, tokens_only=True)
-                self._used.labels(self._labels(tenant)).set(max(used, 1.0))
+                self._set_used(known, tenant, max(used, 1.0))
                 return self._refusal(tenant, "cost", cost_limit, result.spent, held.cost, period)
-        if token_limit is not None or cost_limit is not None:
-            self._used.labels(self._labels(tenant)).set(used)
+        self._set_used(known, tenant, used)
         return None
+
+    def _set_used(self, known: _Tenant, tenant: str, used: float) -> None:
+        ratio = known.ratio
+        if ratio is None:
+            ratio = known.ratio = self._ratio(tenant)
+        ratio.value = used
 
     async def _give_back(self, held: _Held, *, tokens_only: bool = False) -> None:
         fields = (
@@ -426,38 +483,45 @@ class Budget:
 
     # --- reconciliation ----------------------------------------------------------------
 
-    def _settle(self, exchange: Exchange, held: _Held, *, failed: bool) -> None:
-        """Reconcile from a synchronous callback (a stream's end) in a task of its own."""
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # no loop left (interpreter shutting down): nothing to do
-            return
-        task = loop.create_task(self._reconcile(exchange, held, failed=failed))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+    def _reconcile(self, exchange: Exchange, held: _Held, *, failed: bool) -> None:
+        """Replace the reservation with the real usage; never raises, never waits.
 
-    async def _reconcile(self, exchange: Exchange, held: _Held, *, failed: bool) -> None:
-        """Replace the reservation with the real usage; never raises."""
+        Called where an answer ends, a stream's end included (a synchronous callback): the
+        store applies the correction at once (memory) or queues it (Redis, written within
+        a loop turn or so, `flush` waits for it); a failed write reaches `_write_failed`.
+        """
         usage = exchange.facts.get("usage")
         fields: dict[str, float] = {}
-        if isinstance(usage, Mapping):
-            total = usage.get("total_tokens")
-            cost = usage.get("cost")
-            if isinstance(total, int | float) and not isinstance(total, bool):
-                fields["tokens"] = float(total) - held.tokens
-            if isinstance(cost, int | float) and not isinstance(cost, bool):
-                fields["cost"] = float(cost) - held.cost
+        if type(usage) is dict or isinstance(usage, Mapping):
+            total = _figure(usage.get("total_tokens"))
+            if total is not None and total - held.tokens:
+                fields["tokens"] = total - held.tokens
+            cost = _figure(usage.get("cost"))
+            if cost is not None and cost - held.cost:
+                fields["cost"] = cost - held.cost
         elif failed and held.reserved:
-            fields = {"tokens": -held.tokens, "cost": -held.cost}
-        fields = {k: v for k, v in fields.items() if v}
+            if held.tokens:
+                fields["tokens"] = -held.tokens
+            if held.cost:
+                fields["cost"] = -held.cost
         if not fields:
             return
         try:
-            await self.store.add(held.key, fields, held.ttl_s)
-        except StoreUnavailable as exc:
-            self._store_error("reconcile", str(exchange.facts.get("tenant") or ANONYMOUS), exc)
+            self.store.add_nowait(held.key, fields, held.ttl_s, self._write_failed)
         except Exception:  # the relay's clean-up must never break on a budget
             _log().exception("budget_reconcile_failed", key=held.key)
+
+    def _write_failed(self, key: str, operations: int, exc: StoreUnavailable) -> None:
+        self._store_errors.inc(operations)
+        self._store_errors_seen += operations
+        _log().warning(
+            "budget_store_error",
+            operation="reconcile",
+            key=key,
+            operations=operations,
+            on_store_error=self.config.on_store_error,
+            error=str(exc),
+        )
 
     def _store_error(self, operation: str, tenant: str, exc: BaseException) -> None:
         self._store_errors.inc()
@@ -471,9 +535,8 @@ class Budget:
         )
 
     async def flush(self) -> None:
-        """Wait for the reconciliations of ended streams still on their way to the store."""
-        while self._pending:
-            await asyncio.gather(*list(self._pending), return_exceptions=True)
+        """Wait for the reconciliations still on their way to the store."""
+        await self.store.flush()
 
     async def close(self) -> None:
         await self.flush()
@@ -488,6 +551,7 @@ class Budget:
         Limits of a tenant only found in the store are the policy's defaults. Raises
         `StoreUnavailable` when the store is down.
         """
+        await self.store.flush()  # this process's reconciliations first
         period = self.period()
         suffix = f":{period.id}"
         spent: dict[str, dict[str, float]] = {}
@@ -533,6 +597,13 @@ class Budget:
             "store": "redis" if self.store.shared else "memory",
             "store_errors": self._store_errors_seen,
         }
+
+
+def _figure(value: Any) -> float | None:
+    """A usage figure as a float; None when it is not a number (a bool is not one)."""
+    if type(value) in _NUMBERS or (isinstance(value, int | float) and not isinstance(value, bool)):
+        return float(value)
+    return None
 
 
 def _share(spent: float, limit: float) -> float:

@@ -172,16 +172,20 @@ def _bucket_step(
     return allowed, level, retry, reset, now, reset + _BUCKET_GRACE_S
 
 
+def _check_take(cost: float, rate: float, burst: float) -> None:
+    # One test for the usual case; the precise checks (and their messages) otherwise.
+    if not (cost >= 0 and rate > 0 and burst > 0 and cost + rate + burst < math.inf):
+        _check_bucket(rate, burst)
+        _check_finite("cost", cost, nonneg=True)
+
+
 def _check_buckets(buckets: Sequence[Bucket]) -> None:
     for _, cost, rate, burst in buckets:
-        # One test for the usual case; the precise checks (and their messages) otherwise.
-        if not (cost >= 0 and rate > 0 and burst > 0 and math.isfinite(cost + rate + burst)):
-            _check_bucket(rate, burst)
-            _check_finite("cost", cost, nonneg=True)
+        _check_take(cost, rate, burst)
 
 
 def _check_delta(delta: float, rate: float, burst: float) -> None:
-    if not (rate > 0 and burst > 0 and math.isfinite(delta + rate + burst)):
+    if not (rate > 0 and burst > 0 and -math.inf < delta + rate + burst < math.inf):
         _check_bucket(rate, burst)
         _check_finite("delta", delta)
 
@@ -549,15 +553,13 @@ class MemoryStore(Store):
     async def take(
         self, key: str, cost: float, rate_per_s: float, burst: float, now: float | None = None
     ) -> TakeResult:
-        _check_bucket(rate_per_s, burst)
-        _check_finite("cost", cost, nonneg=True)
+        _check_take(cost, rate_per_s, burst)
         return self._step(key, cost, rate_per_s, burst, now, False)
 
     async def adjust(
         self, key: str, delta: float, rate_per_s: float, burst: float, now: float | None = None
     ) -> TakeResult:
-        _check_bucket(rate_per_s, burst)
-        _check_finite("delta", delta)
+        _check_delta(delta, rate_per_s, burst)
         return self._step(key, delta, rate_per_s, burst, now, True)
 
     async def take_all(
@@ -571,7 +573,7 @@ class MemoryStore(Store):
         refused = -1
         for key, cost, rate, burst in buckets:
             if not (cost >= 0 and rate > 0 and burst > 0 and cost + rate + burst < math.inf):
-                _check_buckets(((key, cost, rate, burst),))  # raises, with the reason
+                _check_take(cost, rate, burst)  # raises, with the reason
             entry = table.get(key)
             if entry is None:
                 level, used = burst, at
@@ -697,8 +699,12 @@ class MemoryStore(Store):
         spent = current.get(field, 0.0) if current else 0.0
         if not _fits(spent, amount, limit):
             return ReserveResult(False, spent)
-        totals = self._add(key, {field: amount}, ttl_s)  # no await anywhere: atomic
-        return ReserveResult(True, totals[field])
+        if current is None:  # no await anywhere: atomic
+            current = self._counters[key] = {}
+        total = current[field] = spent + float(amount)
+        self._set_ttl(key, ttl_s)
+        self._tick()
+        return ReserveResult(True, total)
 
     async def ping(self) -> None:
         return None
@@ -833,15 +839,13 @@ class RedisStore(Store):
     async def take(
         self, key: str, cost: float, rate_per_s: float, burst: float, now: float | None = None
     ) -> TakeResult:
-        _check_bucket(rate_per_s, burst)
-        _check_finite("cost", cost, nonneg=True)
+        _check_take(cost, rate_per_s, burst)
         return await self._bucket(key, cost, rate_per_s, burst, now, False)
 
     async def adjust(
         self, key: str, delta: float, rate_per_s: float, burst: float, now: float | None = None
     ) -> TakeResult:
-        _check_bucket(rate_per_s, burst)
-        _check_finite("delta", delta)
+        _check_delta(delta, rate_per_s, burst)
         return await self._bucket(key, delta, rate_per_s, burst, now, True)
 
     async def take_all(

@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from datetime import UTC, datetime
+from types import MappingProxyType
 from typing import Any
 
 import aiohttp
 import openai
 import orjson
 import pytest
+from multidict import CIMultiDict, CIMultiDictProxy
 from pydantic import ValidationError
 
 import policies.auth
@@ -20,6 +22,13 @@ import policies.budget
 import policies.metering
 from policies.budget import Budget, BudgetConfig, period_at
 from sidecar.app import Sidecar
+from sidecar.chain import Next, PolicyContext
+from sidecar.config import parse_settings
+from sidecar.errors import SidecarError
+from sidecar.exchange import Exchange, Reply
+from sidecar.observability import Metrics
+from sidecar.routes import ROUTES
+from sidecar.stores import Store, open_store
 from tests.conftest import SidecarFactory
 from tests.redis_server import RedisServer
 
@@ -489,3 +498,142 @@ async def test_usage_detail_and_readiness(
     ready = policy.readiness()
     assert ready["period"] == "day" and ready["current_period"] == today
     assert ready["store"] == ("redis" if stores else "memory")
+
+
+# --- reconciliation without a task per request, limits worked out once ---------------------
+
+
+def _budget(store: Store, metrics: Metrics | None = None, **options: Any) -> Budget:
+    context = PolicyContext(settings=parse_settings({}), metrics=metrics or Metrics(), store=store)
+    return Budget(BudgetConfig(**options), context)
+
+
+def _chat(tenant: str = "anonymous", overrides: Any = None) -> Exchange:
+    route = ROUTES["/v1/chat/completions"]
+    exchange = Exchange(
+        method="POST",
+        route=route,
+        path=route.name,
+        query_string="",
+        headers=CIMultiDictProxy(CIMultiDict()),
+        body=orjson.dumps(CHAT),
+    )
+    exchange.facts["tenant"] = tenant
+    if overrides is not None:
+        exchange.facts["tenant_overrides"] = overrides
+    return exchange
+
+
+def _answer(total_tokens: int, *, stream: bool, before: Callable[[], None] = lambda: None) -> Next:
+    """An upstream that used `total_tokens` (metering's usage fact), plain or streamed."""
+
+    async def call_next(exchange: Exchange) -> Reply:
+        before()
+        if not stream:
+            exchange.facts["usage"] = {"total_tokens": total_tokens}
+            return Reply(200, CIMultiDict(), b"{}")
+
+        async def chunks() -> AsyncGenerator[bytes, None]:
+            yield b"data: {}\n\n"
+            exchange.facts["usage"] = {"total_tokens": total_tokens}
+
+        return Reply(200, CIMultiDict(), chunks=chunks(), stream_format="sse")
+
+    return call_next
+
+
+async def _drain(reply: Reply) -> None:
+    assert reply.chunks is not None
+    async for _ in reply.chunks:
+        pass
+
+
+async def _spent(store: Store, policy: Budget, tenant: str = "anonymous") -> float:
+    return (await store.get(f"budget:{tenant}:{policy.period().id}")).get("tokens", 0.0)
+
+
+async def test_a_stream_end_reconciles_at_once_without_a_task() -> None:
+    store = open_store(None)
+    policy = _budget(store, tokens=100_000)
+    reply = await policy(_chat(), _answer(30, stream=True))
+    assert await _spent(store, policy) == CHAT_RESERVATION
+    tasks = len(asyncio.all_tasks())
+    await _drain(reply)
+    assert len(asyncio.all_tasks()) == tasks and store.pending_writes == 0
+    assert await _spent(store, policy) == 30
+    await policy(_chat(), _answer(12, stream=False))  # a plain answer: at once too
+    assert await _spent(store, policy) == 42
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+async def test_reconciliations_reach_the_store(
+    backend: str, request: pytest.FixtureRequest
+) -> None:
+    url = request.getfixturevalue("redis_server").url if backend == "redis" else None
+    store = open_store(url, f"t-{uuid.uuid4().hex[:10]}:")
+    policy = _budget(store, tokens=100_000)
+    try:
+        replies = [await policy(_chat(), _answer(10 + i, stream=True)) for i in range(20)]
+        for reply in replies:
+            await _drain(reply)
+        for _ in range(20):
+            await policy(_chat(), _answer(1, stream=False))
+        with pytest.raises(RuntimeError):  # an error before any answer: all given back
+            await policy(_chat(), _answer(1, stream=False, before=_raise))
+        # usage_detail waits for what this process queued
+        detail = (await policy.usage_detail("anonymous"))["anonymous"]
+        assert detail["spent_tokens"] == sum(10 + i for i in range(20)) + 20
+        assert store.pending_writes == 0 and policy.readiness()["store_errors"] == 0
+    finally:
+        if url is not None:
+            await store.delete_prefix("")
+        await store.close()
+
+
+def _raise() -> None:
+    raise RuntimeError("no answer")
+
+
+async def test_a_plain_reconciliation_lost_to_an_outage_is_counted(
+    redis_server: RedisServer,
+) -> None:
+    del redis_server  # only to fail early when redis-server is missing
+    with RedisServer() as own:
+        store = open_store(own.url, "budget-outage:", timeout_s=0.3)
+        metrics = Metrics()
+        policy = _budget(store, metrics, tokens=100_000)
+        try:
+            reply = await policy(_chat(), _answer(5, stream=False, before=own.stop))
+            assert reply.status == 200  # the answer is not held up by the store
+            await asyncio.wait_for(policy.flush(), 5)
+            assert policy.readiness()["store_errors"] == 1
+            value = metrics.registry.get_sample_value("ollama_sidecar_budget_store_errors_total")
+            assert value == 1
+        finally:
+            await store.close()
+
+
+async def test_limits_follow_the_overrides_object_and_the_gauge_reads_the_spend() -> None:
+    store = open_store(None)
+    metrics = Metrics()
+    policy = _budget(store, metrics, tokens=1000)
+    first = MappingProxyType({"budget_tokens": 4 * CHAT_RESERVATION})
+
+    def ratio() -> float | None:
+        return metrics.registry.get_sample_value(
+            "ollama_sidecar_budget_used_ratio", {"tenant": "team"}
+        )
+
+    assert ratio() is None
+    await policy(_chat("team", first), _answer(CHAT_RESERVATION, stream=False))
+    assert ratio() == pytest.approx(0.25)
+    await policy(_chat("team", first), _answer(CHAT_RESERVATION, stream=False))
+    assert ratio() == pytest.approx(0.5)
+    # a reloaded auth: a new mapping, its limits apply at once
+    second = MappingProxyType({"budget_tokens": 2 * CHAT_RESERVATION})
+    with pytest.raises(SidecarError) as refused:
+        await policy(_chat("team", second), _answer(1, stream=False))
+    assert refused.value.status == 429 and ratio() == 1.0
+    # no overrides: the policy's own limit
+    await policy(_chat("team"), _answer(CHAT_RESERVATION, stream=False))
+    assert ratio() == pytest.approx(3 * CHAT_RESERVATION / 1000)
