@@ -304,8 +304,8 @@ class RateLimit:
     ) -> None:
         """A plain answer's reconciliation, awaited: its headers show the real usage."""
         try:
-            result = await self.store.reconcile(
-                tokens.key, reserved, actual, tokens.rate_per_s, tokens.burst
+            result = await self.store.adjust(
+                tokens.key, actual - reserved, tokens.rate_per_s, tokens.burst
             )
         except StoreUnavailable as exc:
             self._store_failed("reconcile", exc)

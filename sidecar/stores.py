@@ -565,20 +565,19 @@ class MemoryStore(Store):
     async def take_all(
         self, buckets: Sequence[Bucket], now: float | None = None
     ) -> tuple[TakeResult, ...]:
-        # The hot path of a rate limit: _check_buckets, _refill and _bucket_step, inline.
+        # The hot path of a rate limit: _check_take, _refill and _bucket_step, inline, in one
+        # pass that takes as it goes and puts back what it took if a later bucket refuses.
         clock = self._clock()
         at = clock if now is None else now
         table = self._buckets
-        levels: list[float] = []
-        refused = -1
+        results: list[TakeResult] = []
+        taken: list[tuple[str, tuple[float, float, float] | None]] = []
         for key, cost, rate, burst in buckets:
             if not (cost >= 0 and rate > 0 and burst > 0 and cost + rate + burst < math.inf):
+                self._put_back(taken)
                 _check_take(cost, rate, burst)  # raises, with the reason
             entry = table.get(key)
-            if entry is None:
-                level, used = burst, at
-            elif entry[2] <= clock:  # expired: full again
-                del table[key]
+            if entry is None or entry[2] <= clock:  # none, or expired: full
                 level, used = burst, at
             else:
                 tokens, ts, _ = entry
@@ -586,26 +585,42 @@ class MemoryStore(Store):
                 level = tokens + (used - ts) * rate
                 if level > burst:
                     level = burst
-            if refused < 0 and cost > level:
-                refused = len(levels) // 2
-            levels += (level, used)
+            if cost > level:
+                self._put_back(taken)
+                return self._refuse(buckets, len(results), clock, at)
+            level -= cost
+            reset = (burst - level) / rate
+            if cost > 0:
+                taken.append((key, entry))
+                table[key] = (level, used, clock + reset + _BUCKET_GRACE_S)
+                self._writes += 1
+                if not self._writes % self._SWEEP_EVERY:
+                    self._sweep()
+            results.append(TakeResult(True, level, 0.0, reset if reset > 0 else 0.0))
+        return tuple(results)
+
+    def _put_back(self, taken: list[tuple[str, tuple[float, float, float] | None]]) -> None:
+        for key, entry in reversed(taken):
+            if entry is None:
+                self._buckets.pop(key, None)
+            else:
+                self._buckets[key] = entry
+
+    def _refuse(
+        self, buckets: Sequence[Bucket], refused: int, clock: float, at: float
+    ) -> tuple[TakeResult, ...]:
+        """``take_all``'s answer when bucket ``refused`` does not fit: that refusal, and a
+        peek at every other bucket (nothing taken)."""
         results = []
         for i, (key, cost, rate, burst) in enumerate(buckets):
-            level = levels[2 * i]
-            if refused < 0:
-                level -= cost
-                reset = (burst - level) / rate
-                if cost > 0:
-                    table[key] = (level, levels[2 * i + 1], clock + reset + _BUCKET_GRACE_S)
-                    self._writes += 1
-                    if not self._writes % self._SWEEP_EVERY:
-                        self._sweep()
-                results.append(TakeResult(True, level, 0.0, reset if reset > 0 else 0.0))
-            elif i != refused:
-                results.append(TakeResult(True, level, 0.0, max(0.0, (burst - level) / rate)))
+            tokens, ts = self._bucket(key, clock)
+            level, _ = _refill(tokens, ts, at, rate, burst)
+            reset = max(0.0, (burst - level) / rate)
+            if i != refused:
+                results.append(TakeResult(True, level, 0.0, reset))
             else:
                 retry = math.inf if cost > burst else (cost - level) / rate
-                results.append(TakeResult(False, level, retry, max(0.0, (burst - level) / rate)))
+                results.append(TakeResult(False, level, retry, reset))
         return tuple(results)
 
     def adjust_nowait(
