@@ -469,11 +469,15 @@ class Audit:
         stream_format: str | None = None,
     ) -> None:
         facts = exchange.facts
+        elapsed = time.time() - wall  # since this step began: to the microsecond
         started = exchange.started_at
         if started:
-            latency = (self._clock or asyncio.get_running_loop().time)() - started
+            # From the request's start (its body's reading included), on the loop's clock,
+            # which counts whole milliseconds on uvloop: never less than seen here.
+            since_start = (self._clock or asyncio.get_running_loop().time)() - started
+            latency = since_start if since_start > elapsed else elapsed
         else:
-            latency = time.time() - wall
+            latency = elapsed
         # round(x * 1e6) / 1000 is round(x * 1000, 3) at a fraction of the cost.
         latency_ms = round(latency * 1e6) / 1000
         headers = exchange.response_headers
