@@ -69,21 +69,24 @@ so it has none. A hit never reaches the policies after `cache`: to have hits
 metered (as `cached` tokens, see `metering`), place `metering` before `cache`.
 `purge(model)` serves DELETE /sidecar/cache.
 
-Storage is aiocache: `SimpleMemoryCache` with a total size cap (oldest entries
-evicted first), or `RedisCache` at `stores.redis_url` (keys under
-`stores.prefix`). A store that fails or is slow (`stores.timeout`) counts as a
-miss and the request still goes upstream; nothing ever waits on it longer.
+Storage is a dict in the pod's memory with a total size cap (oldest entries
+evicted first; an entry past its `ttl` is dropped when it is next looked up or
+when room is made), or aiocache's `RedisCache` at `stores.redis_url` (keys
+under `stores.prefix`, expiring after `ttl`). A store that fails or is slow
+(`stores.timeout`) counts as a miss and the request still goes upstream;
+nothing ever waits on it longer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from urllib.parse import unquote, urlsplit
@@ -287,17 +290,10 @@ class Entry:
 def split_events(data: bytes, stream_format: StreamFormat | None) -> list[bytes]:
     """The stream's bytes cut after each event (SSE: blank line; NDJSON: newline)."""
     separator = b"\n" if stream_format == "ndjson" else b"\n\n"
-    events: list[bytes] = []
-    start = 0
-    while True:
-        end = data.find(separator, start)
-        if end < 0:
-            break
-        end += len(separator)
-        events.append(data[start:end])
-        start = end
-    if start < len(data):
-        events.append(data[start:])
+    *complete, rest = data.split(separator)
+    events = [event + separator for event in complete]
+    if rest:
+        events.append(rest)
     return events
 
 
@@ -340,7 +336,7 @@ class _Flight:
     """One upstream call shared by every identical request that arrived while it ran."""
 
     __slots__ = (
-        "changed",
+        "_waiters",
         "chunks",
         "done",
         "error",
@@ -360,7 +356,9 @@ class _Flight:
         self.leader = leader
         self.store = store
         self.ready = asyncio.Event()  # the reply (or the error) is known
-        self.changed = asyncio.Condition()
+        # Readers waiting for a chunk or the end (changed/notify): a future each, not an
+        # asyncio.Condition, whose lock cost two awaits per chunk and reader for nothing.
+        self._waiters: list[asyncio.Future[None]] = []
         self.reply: Reply | None = None
         self.error: BaseException | None = None
         self.chunks: list[bytes] = []
@@ -369,6 +367,21 @@ class _Flight:
         self.task: asyncio.Task[None] | None = None
         self.usage: dict[str, Any] | None = None
         self.remote = False  # answered from the entry another pod's call stored
+
+    def changed(self) -> asyncio.Future[None]:
+        """A future done at the next notify (a chunk came, or the stream ended)."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        return waiter
+
+    def notify(self) -> None:
+        """Wake every reader waiting in `changed`."""
+        waiters = self._waiters
+        if waiters:
+            self._waiters = []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
 
 
 class FanOutChunks(AsyncGenerator[bytes, None]):
@@ -391,11 +404,8 @@ class FanOutChunks(AsyncGenerator[bytes, None]):
             raise StopAsyncIteration
         flight = self._flight
         try:
-            if self._index >= len(flight.chunks) and not flight.done:
-                async with flight.changed:
-                    await flight.changed.wait_for(
-                        lambda: self._index < len(flight.chunks) or flight.done
-                    )
+            while self._index >= len(flight.chunks) and not flight.done:
+                await flight.changed()
         except BaseException:
             await self.aclose()
             raise
@@ -440,8 +450,12 @@ class ResponseCache:
         self._timeout = stores.timeout
         self._namespace = f"{stores.prefix}cache"
         self._redis = stores.redis_url is not None
-        self._backend: BaseCache = _open_backend(stores.redis_url, self._timeout, self._namespace)
-        # Memory backend: key -> (size, model tag, stored at), oldest first.
+        # Redis: aiocache's RedisCache. Memory: a dict of entries (`_memory`), found
+        # through `_index`: key -> (size, model tag, stored at), oldest first.
+        self._backend: BaseCache | None = None
+        if stores.redis_url is not None:
+            self._backend = _open_redis(stores.redis_url, self._timeout, self._namespace)
+        self._memory: dict[str, bytes] = {}
         self._index: OrderedDict[str, tuple[int, str, float]] = OrderedDict()
         self._bytes = 0
         self._flights: dict[str, _Flight] = {}
@@ -451,6 +465,7 @@ class ResponseCache:
         self._upstream = context.settings.upstream
         self._cross_pod = self._redis and config.cross_pod and config.single_flight
         if self._cross_pod:
+            assert self._backend is not None
             client = self._backend.client
             self._take_script = client.register_script(_LUA_TAKE)
             self._release_script = client.register_script(_LUA_RELEASE)
@@ -482,17 +497,17 @@ class ResponseCache:
         self._bytes_gauge = metrics.gauge(
             "cache_bytes", "Bytes held by the memory cache's entries.", ()
         )
+        self._bypass_counters: dict[str, Any] = {}  # route -> its cache_bypass_total child
+        self._nondeterministic = config.cache_nondeterministic
+        self._tenant_scope = config.scope == "tenant"
 
     async def close(self) -> None:
         for flight in list(self._flights.values()):
             if flight.task is not None:
                 flight.task.cancel()
-        with contextlib.suppress(Exception):
-            client = getattr(self._backend, "client", None)
-            if client is not None:
-                await client.aclose()  # redis-py 5+: aiocache's close() is deprecated
-            else:
-                await self._backend.close()
+        if self._backend is not None:
+            with contextlib.suppress(Exception):
+                await self._backend.client.aclose()  # redis-py 5+: aiocache's close() is deprecated
 
     def readiness(self) -> dict[str, Any]:
         return {
@@ -505,20 +520,38 @@ class ResponseCache:
 
     # -- the chain step ------------------------------------------------------
 
-    async def __call__(self, exchange: Exchange, call_next: Next) -> Reply:
+    def __call__(self, exchange: Exchange, call_next: Next) -> Awaitable[Reply]:
+        # Not a coroutine itself: a request the cache does not look up (most chat
+        # traffic) is handed to the next step with no frame or task of the cache's.
         route = exchange.route.name
         if exchange.method != "POST" or route not in self._routes:
-            return await call_next(exchange)
+            return call_next(exchange)
         document = exchange.json
         if not isinstance(document, dict):
-            return await call_next(exchange)
-        control = _cache_control(exchange.headers.get("Cache-Control"))
-        if "no-store" in control or not (
-            self.config.cache_nondeterministic or _deterministic(route, document)
-        ):
-            return await self._bypass(exchange, call_next)
+            return call_next(exchange)
+        header = exchange.headers.get("Cache-Control")
+        control = _cache_control(header) if header else _NO_CONTROL
+        if "no-store" in control or not (self._nondeterministic or _deterministic(route, document)):
+            counter = self._bypass_counters.get(route)
+            if counter is None:
+                counter = self._bypass_counters[route] = self._bypassed.labels(route)
+            counter.inc()
+            exchange.facts["cache"] = "bypass"
+            exchange.response_headers[HEADER] = "bypass"
+            return call_next(exchange)
+        return self._through_cache(exchange, call_next, document, control)
+
+    async def _through_cache(
+        self,
+        exchange: Exchange,
+        call_next: Next,
+        document: dict[str, Any],
+        control: frozenset[str],
+    ) -> Reply:
+        route = exchange.route.name
         stream, include_usage = _stream_mode(exchange, document)
-        key = self._key(exchange, document, stream, include_usage)
+        base = self._key_base(exchange, document)
+        key = _key_of(base, stream, include_usage)
         fresh = "no-cache" in control
         while True:
             if not fresh:
@@ -529,7 +562,7 @@ class ResponseCache:
                     reply = await self._follow(exchange, flight, "hit")
                     if reply is not None:
                         return reply
-                entry = await self._lookup(exchange, document, key, stream, include_usage)
+                entry = await self._lookup(exchange, base, key, stream, include_usage)
                 if entry is not None:
                     return self._answer(exchange, entry)
                 flight = self._flights.get(key) if self.config.single_flight else None
@@ -551,18 +584,13 @@ class ResponseCache:
                 )
             return reply
 
-    async def _bypass(self, exchange: Exchange, call_next: Next) -> Reply:
-        self._bypassed.labels(exchange.route.name).inc()
-        self._mark(exchange, "bypass")
-        return await call_next(exchange)
-
     def _mark(self, exchange: Exchange, result: CacheResult) -> None:
         exchange.facts["cache"] = result
         exchange.response_headers[HEADER] = result
 
-    def _key(
-        self, exchange: Exchange, document: dict[str, Any], stream: bool, include_usage: bool
-    ) -> str:
+    def _key_base(self, exchange: Exchange, document: dict[str, Any]) -> _KeyBase:
+        """What every key of this request shares (see _key_of): the body is normalised
+        and serialised once, however many forms of the answer are looked up."""
         route = exchange.route.name
         body = {k: v for k, v in document.items() if k not in IGNORED_FIELDS}
         model = exchange.model or ""
@@ -577,20 +605,17 @@ class ResponseCache:
                 k: _number(v, None) if k in ("temperature", "top_p") else v
                 for k, v in options.items()
             }
-        scope = (
-            str(exchange.facts.get("tenant", "anonymous")) if self.config.scope == "tenant" else ""
-        )
-        material = orjson.dumps(
-            [route, model, scope, stream, include_usage, body],
-            option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS,
-        )
-        digest = hashlib.sha256(material).hexdigest()
-        return f"{_model_tag(model)}:{digest}"
+        scope = str(exchange.facts.get("tenant", "anonymous")) if self._tenant_scope else ""
+        # The key hashes orjson's `[route, model, scope, stream, include_usage, body]`
+        # (keys sorted): here the bytes before and after the two flags.
+        head = orjson.dumps([route, model, scope])
+        tail = orjson.dumps(body, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
+        return head[:-1] + b",", b"," + tail + b"]", _model_tag(model)
 
     async def _lookup(
         self,
         exchange: Exchange,
-        document: dict[str, Any],
+        base: _KeyBase,
         key: str,
         stream: bool,
         include_usage: bool,
@@ -599,17 +624,22 @@ class ResponseCache:
         route = exchange.route.name
         if route not in CONVERTIBLE_ROUTES:
             return await self._get(key)
+        if self._backend is None:
+            # Memory: the other form's keys are made only when this one is missing.
+            found = self._get_memory(key)
+            if found is not None:
+                return found
         if stream:
-            others = [self._key(exchange, document, False, False)]
+            others = [_key_of(base, False, False)]
         elif route.startswith("/v1/"):
             # A stream with its usage event first: it assembles a body with the same usage.
-            others = [
-                self._key(exchange, document, True, True),
-                self._key(exchange, document, True, False),
-            ]
+            others = [_key_of(base, True, True), _key_of(base, True, False)]
         else:
-            others = [self._key(exchange, document, True, False)]
-        entries = await self._get_many([key, *others])
+            others = [_key_of(base, True, False)]
+        if self._backend is None:
+            entries = [None, *(self._get_memory(other) for other in others)]
+        else:
+            entries = await self._get_many([key, *others])
         if entries[0] is not None:
             return entries[0]
         for other in entries[1:]:
@@ -827,13 +857,11 @@ class ResponseCache:
             async for chunk in chunks:
                 flight.chunks.append(chunk)
                 size += len(chunk)
-                async with flight.changed:
-                    flight.changed.notify_all()
+                flight.notify()
         except BaseException as error:
             flight.error = error
             flight.done = True
-            async with flight.changed:
-                flight.changed.notify_all()
+            flight.notify()
             if not isinstance(error, Exception):
                 raise
             return
@@ -841,8 +869,7 @@ class ResponseCache:
             await chunks.aclose()
         flight.done = True
         flight.usage = flight.leader.facts.get("usage")
-        async with flight.changed:
-            flight.changed.notify_all()
+        flight.notify()
         if reply.status == 200 and flight.store and size <= self.config.max_entry_bytes:
             data = b"".join(flight.chunks)
             events = split_events(data, reply.stream_format)
@@ -861,15 +888,29 @@ class ResponseCache:
     # -- storage -------------------------------------------------------------
 
     async def _get(self, key: str) -> Entry | None:
-        if not self._redis and key not in self._index:
-            return None
+        if self._backend is None:
+            return self._get_memory(key)
         try:
             async with asyncio.timeout(self._timeout):
                 data = await self._backend.get(key)
             if data is None:
-                if not self._redis:
-                    self._forget(key)  # expired
                 return None
+            return Entry.loads(data)
+        except Exception as exc:
+            self._store_errors.labels("get").inc()
+            _log().warning("cache_store_failed", operation="get", error=repr(exc))
+            return None
+
+    def _get_memory(self, key: str) -> Entry | None:
+        known = self._index.get(key)
+        if known is None:
+            return None
+        data = self._memory.get(key)
+        if data is None or self._clock() - known[2] >= self._ttl:
+            self._forget(key)  # expired
+            self._memory.pop(key, None)
+            return None
+        try:
             return Entry.loads(data)
         except Exception as exc:
             self._store_errors.labels("get").inc()
@@ -878,8 +919,8 @@ class ResponseCache:
 
     async def _get_many(self, keys: list[str]) -> list[Entry | None]:
         """Several entries in one store round trip (Redis MGET); a failure is all misses."""
-        if not self._redis:
-            return [await self._get(key) for key in keys]
+        if self._backend is None:
+            return [self._get_memory(key) for key in keys]
         try:
             async with asyncio.timeout(self._timeout):
                 values = await self._backend.multi_get(keys)
@@ -893,21 +934,19 @@ class ResponseCache:
         data = entry.dumps()
         if len(data) > self.config.max_entry_bytes:
             return
-        if not self._redis:
+        if self._backend is None:
             self._make_room(key, len(data))
+            self._memory[key] = data
+            self._index[key] = (len(data), key.partition(":")[0], self._clock())
+            self._bytes += len(data)
+            self._bytes_gauge.set(self._bytes)
+            return
         try:
             async with asyncio.timeout(self._timeout):
                 await self._backend.set(key, data, ttl=self._ttl)
         except Exception as exc:
             self._store_errors.labels("set").inc()
             _log().warning("cache_store_failed", operation="set", error=repr(exc))
-            if not self._redis:
-                self._forget(key)
-            return
-        if not self._redis:
-            self._index[key] = (len(data), key.partition(":")[0], self._clock())
-            self._bytes += len(data)
-            self._bytes_gauge.set(self._bytes)
 
     def _make_room(self, key: str, size: int) -> None:
         """Memory: drop `key`'s old entry, expired entries, then the oldest until `size` fits."""
@@ -920,7 +959,7 @@ class ResponseCache:
             if stored_at > expired_before:
                 self._evictions.inc()
             self._forget(oldest)
-            self._backend_delete_nowait(oldest)
+            self._memory.pop(oldest, None)
 
     def _forget(self, key: str) -> None:
         known = self._index.pop(key, None)
@@ -928,25 +967,14 @@ class ResponseCache:
             self._bytes -= known[0]
             self._bytes_gauge.set(self._bytes)
 
-    def _backend_delete_nowait(self, key: str) -> None:
-        # SimpleMemoryCache's delete never awaits anything: call its dict directly.
-        raw = getattr(self._backend, "_cache", None)
-        if isinstance(raw, dict):
-            raw.pop(key, None)
-            handlers = getattr(self._backend, "_handlers", None)
-            if isinstance(handlers, dict):
-                handle = handlers.pop(key, None)
-                if handle is not None:
-                    handle.cancel()
-
     async def purge(self, model: str | None) -> int:
         """Drop every entry (or those of one model); the number of entries dropped."""
         tag = _model_tag(model) if model is not None else None
-        if not self._redis:
+        if self._backend is None:
             doomed = [k for k, v in self._index.items() if tag is None or v[1] == tag]
             for key in doomed:
                 self._forget(key)
-                self._backend_delete_nowait(key)
+                self._memory.pop(key, None)
             return len(doomed)
         pattern = f"{self._namespace}:{tag or ''}*"
         client = self._backend.client
@@ -1190,15 +1218,15 @@ def _native_chat_events(document: dict[str, Any]) -> list[bytes]:
     return [orjson.dumps(first) + b"\n", orjson.dumps(final) + b"\n"]
 
 
-def _open_backend(redis_url: str | None, timeout: float, namespace: str) -> BaseCache:
+def _open_redis(redis_url: str, timeout: float, namespace: str) -> BaseCache:
     # Imported here: aiocache loads redis-py, which loads OpenTelemetry whenever it is
-    # installed; a sidecar without the cache policy should pay for none of them.
+    # installed; a sidecar without a Redis cache should pay for none of them.
     from aiocache import Cache as AioCache
     from aiocache.serializers import NullSerializer
 
     as_bytes = NullSerializer(encoding=None)  # bytes in, bytes out
-    if redis_url is None:
-        return AioCache(AioCache.MEMORY, serializer=as_bytes, timeout=timeout)
+    # timeout=None: every call is bounded by the policy's own asyncio.timeout; aiocache's
+    # would add an asyncio.wait_for, a task per operation.
     parts = urlsplit(redis_url)
     if parts.scheme == "unix":
         raise ValueError("the cache policy needs a redis:// or rediss:// URL, not unix://")
@@ -1212,7 +1240,7 @@ def _open_backend(redis_url: str | None, timeout: float, namespace: str) -> Base
         ssl=parts.scheme == "rediss",
         serializer=as_bytes,
         namespace=namespace,
-        timeout=timeout,
+        timeout=None,
         create_connection_timeout=timeout,
     )
 
@@ -1223,6 +1251,18 @@ def _finished(flight: _Flight) -> bool:
     return flight.done and flight.error is None and reply is not None and reply.status == 200
 
 
+# A request's key material around its (stream, include_usage) flags, and its model tag.
+_KeyBase = tuple[bytes, bytes, str]
+
+
+def _key_of(base: _KeyBase, stream: bool, include_usage: bool) -> str:
+    """A cache key: the model's tag (for purge), then a SHA-256 of the key material."""
+    before, after, tag = base
+    flags = (b"true," if stream else b"false,") + (b"true" if include_usage else b"false")
+    return f"{tag}:{hashlib.sha256(before + flags + after).hexdigest()}"
+
+
+@functools.lru_cache(maxsize=256)
 def _model_tag(model: str) -> str:
     """A short glob-safe tag for a model, so purge(model) finds its keys by prefix."""
     name = model.removesuffix(":latest")
@@ -1236,6 +1276,9 @@ def _number(value: Any, default: float | None) -> Any:
     if isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     return value
+
+
+_NO_CONTROL: frozenset[str] = frozenset()
 
 
 def _cache_control(value: str | None) -> frozenset[str]:
@@ -1253,8 +1296,12 @@ def _deterministic(route: str, document: dict[str, Any]) -> bool:
     if where.get("seed") is not None:
         return True
     temperature = where.get("temperature")
+    kind = type(temperature)
+    if kind is float or kind is int:  # what JSON gives: no isinstance (nor union) per call
+        return bool(temperature == 0)
     return (
-        isinstance(temperature, int | float)
+        temperature is not None
+        and isinstance(temperature, int | float)
         and not isinstance(temperature, bool)
         and temperature == 0
     )

@@ -15,14 +15,17 @@ from typing import Any, ClassVar
 import aiohttp
 import orjson
 import pytest
+from multidict import CIMultiDict, CIMultiDictProxy
 from pydantic import BaseModel, ConfigDict
 
-import policies.cache  # noqa: F401  (registers "cache")
+import policies.cache  # registers "cache"
 from sidecar import chain
 from sidecar.app import Sidecar
 from sidecar.chain import Next, PolicyContext
 from sidecar.exchange import Exchange, Reply
-from tests.conftest import SidecarFactory
+from sidecar.observability import Metrics
+from sidecar.routes import find_route
+from tests.conftest import SidecarFactory, settings_for
 from tests.fake_ollama import FakeOllama, Fault
 
 CHAT = {
@@ -300,7 +303,17 @@ async def test_nondeterministic_requests_are_not_cached_by_default(
     for _ in range(2):
         _, cache, _ = await call(http, sidecar, "/api/chat", {**body, "stream": False})
         assert cache == "bypass"
-    assert generations(fake) == 4
+    # Neither a temperature above 0 (any JSON number) nor a boolean makes it deterministic.
+    for temperature in (0.2, 1, True):
+        warm = {**body, "temperature": temperature}
+        _, cache, _ = await call(http, sidecar, "/v1/chat/completions", warm)
+        assert cache == "bypass"
+    assert generations(fake) == 7
+    for route, count in (("/v1/chat/completions", 5.0), ("/api/chat", 2.0)):
+        bypassed = sidecar.metrics.registry.get_sample_value(
+            "ollama_sidecar_cache_bypass_total", {"route": route}
+        )
+        assert bypassed == count
 
 
 async def test_cache_nondeterministic_option(
@@ -831,3 +844,62 @@ def cache_policy(sidecar: Sidecar) -> Any:
     """The running cache policy of a sidecar."""
     assert sidecar.runtime is not None
     return dict(sidecar.runtime.policies)["cache"]
+
+
+async def test_an_entry_expires_after_its_ttl(
+    make_sidecar: SidecarFactory,
+    fake: FakeOllama,
+    http: aiohttp.ClientSession,
+    stores: dict[str, Any],
+) -> None:
+    sidecar = await cached_sidecar(make_sidecar, stores, ttl="300ms")
+    assert (await call(http, sidecar, "/v1/chat/completions", CHAT))[1] == "miss"
+    assert (await call(http, sidecar, "/v1/chat/completions", CHAT))[1] == "hit"
+    await asyncio.sleep(0.4)
+    assert (await call(http, sidecar, "/v1/chat/completions", CHAT))[1] == "miss"
+    assert (await call(http, sidecar, "/v1/chat/completions", CHAT))[1] == "hit"
+    assert generations(fake) == 2
+
+
+def test_keys_stay_what_they_were() -> None:
+    """Entries in a shared Redis outlive a deploy: a new version must find them by the same key."""
+
+    def key(scope: str, route: str, body: dict[str, Any], stream: bool, include_usage: bool) -> str:
+        settings = settings_for("http://127.0.0.1:9", [])
+        config = policies.cache.CacheConfig(scope=scope)
+        cache = policies.cache.ResponseCache(
+            config, PolicyContext(settings=settings, metrics=Metrics())
+        )
+        match = find_route(route)
+        exchange = Exchange(
+            method="POST",
+            route=match.route,
+            path=match.upstream_path,
+            query_string="",
+            headers=CIMultiDictProxy(CIMultiDict()),
+            body=orjson.dumps(body),
+        )
+        exchange.facts["tenant"] = "team-a"
+        base = cache._key_base(exchange, exchange.json)
+        return policies.cache._key_of(base, stream, include_usage)
+
+    chat = {
+        "model": "llama3.2",
+        "messages": [{"role": "user", "content": "hi ü"}],
+        "temperature": 0,
+        "user": "u1",
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "top_p": 1,
+    }
+    generate = {"model": "llama3.2:latest", "prompt": "p", "options": {"temperature": 0, "seed": 3}}
+    tag = "45b1c9806e74e049"
+    assert key("tenant", "/v1/chat/completions", chat, True, True) == (
+        f"{tag}:8238fdb1cecb18bda60aac93b79f9ea69fd2b3bc7c042a8003fa371922d39d7f"
+    )
+    assert key("tenant", "/v1/chat/completions", chat, False, False) == (
+        f"{tag}:df21720ff304d5b11942aa2262cc6f7e9d9cd3181862394c500b1fa45ec3c6d1"
+    )
+    assert key("global", "/api/generate", generate, False, False) == (
+        f"{tag}:76c2ba3a48e854a1e86167d93a9f9a07c962b43a78a5392f9d71e0c1d6da337a"
+    )
