@@ -100,6 +100,13 @@ class Routing:
         self.list_aliases = config.list_aliases
         self.upstreams = list(config.upstreams)
         self._random = random.Random()
+        # The common case, one upstream (or none: upstream.url): no order to draw, so a
+        # model without fallbacks has one candidate, known now.
+        self._single: tuple[str, str | None] | None = None
+        if not self.upstreams:
+            self._single = ("default", None)
+        elif len(self.upstreams) == 1:
+            self._single = (self.upstreams[0].name, self.upstreams[0].url)
         self._fallbacks_used = context.metrics.counter(
             "fallbacks_total",
             "Requests answered by another model or upstream than the first.",
@@ -119,9 +126,19 @@ class Routing:
         if route == MODEL_ROUTE:
             return await self._one_model(exchange, call_next)
         model = exchange.model if exchange.route.json_body else None
-        if model is not None and model in self.aliases:
-            self._set_model(exchange, self.aliases[model])
-            model = self.aliases[model]
+        if model is not None:
+            aliased = self.aliases.get(model)
+            if aliased is not None:
+                self._set_model(exchange, aliased)
+                model = aliased
+        single = self._single
+        if single is not None and (model is None or model not in self.fallbacks):
+            exchange.target = single[1]
+            exchange.facts["upstream"] = single[0]
+            reply = await call_next(exchange)
+            if model is not None:
+                exchange.response_headers["x-sidecar-model"] = model
+            return reply
         candidates = self._candidates(model)
         if len(candidates) == 1:
             candidate = candidates[0]
