@@ -133,45 +133,6 @@ def _fits(spent: float, amount: float, limit: float) -> bool:
     return spent + amount <= limit + _EPS * max(1.0, abs(limit))
 
 
-def _refill(
-    tokens: float | None, ts: float | None, now: float, rate: float, burst: float
-) -> tuple[float, float]:
-    """The bucket's level at ``now`` (and ``now``, never before the last write)."""
-    if tokens is None or ts is None:
-        return burst, now
-    if now < ts:
-        now = ts  # never go back in time (clock skew between callers passing `now`)
-    return min(burst, tokens + (now - ts) * rate), now
-
-
-def _bucket_step(
-    tokens: float | None,
-    ts: float | None,
-    now: float,
-    cost: float,
-    rate: float,
-    burst: float,
-    force: bool,
-) -> tuple[bool, float, float, float, float, float]:
-    """The bucket arithmetic; the Lua functions below are a line-by-line copy of it.
-
-    Returns (allowed, level_after, retry_after_s, reset_s, now_used, ttl_s); when not allowed
-    the caller writes nothing (nor for an allowed 0-cost peek).
-    """
-    level, now = _refill(tokens, ts, now, rate, burst)
-    if force:  # reconcile/refund: apply a signed cost, never above burst
-        level = min(burst, level - cost)
-        allowed = True
-    elif cost <= level:
-        level -= cost
-        allowed = True
-    else:
-        allowed = False
-    retry = 0.0 if allowed else (cost - level) / rate
-    reset = max(0.0, (burst - level) / rate)
-    return allowed, level, retry, reset, now, reset + _BUCKET_GRACE_S
-
-
 def _check_take(cost: float, rate: float, burst: float) -> None:
     # One test for the usual case; the precise checks (and their messages) otherwise.
     if not (cost >= 0 and rate > 0 and burst > 0 and cost + rate + burst < math.inf):
@@ -526,29 +487,47 @@ class MemoryStore(Store):
             self._counters.pop(k, None)
             del self._expires[k]
 
-    def _bucket(self, key: str, clock: float) -> tuple[float | None, float | None]:
-        entry = self._buckets.get(key)
-        if entry is None:
-            return None, None
-        if entry[2] <= clock:
-            del self._buckets[key]
-            return None, None
-        return entry[0], entry[1]
-
     def _step(
         self, key: str, cost: float, rate: float, burst: float, now: float | None, force: bool
     ) -> TakeResult:
+        """The bucket arithmetic (the Lua functions above are a line-by-line copy of it).
+
+        Refill at `rate` up to `burst`, then: `force` (a correction) takes a signed `cost`
+        and never goes above `burst`; otherwise `cost` is taken only when it fits. A refusal
+        and a 0-cost peek write nothing.
+        """
         clock = self._clock()
-        tokens, ts = self._bucket(key, clock)
-        allowed, level, retry, reset, at, ttl = _bucket_step(
-            tokens, ts, clock if now is None else now, cost, rate, burst, force
-        )
-        if allowed and (force or cost > 0):  # a 0-cost peek writes nothing
-            self._buckets[key] = (level, at, clock + ttl)
-            self._tick()
-        if not allowed and cost > burst:
-            retry = math.inf
-        return TakeResult(allowed, level, retry, reset)
+        at = clock if now is None else now
+        table = self._buckets
+        entry = table.get(key)
+        if entry is None:
+            level = burst
+        elif entry[2] <= clock:  # expired: full again
+            del table[key]
+            level = burst
+        else:
+            tokens, ts, _ = entry
+            if at < ts:
+                at = ts  # never go back in time (clock skew between callers passing `now`)
+            level = tokens + (at - ts) * rate
+            if level > burst:
+                level = burst
+        if force:
+            level -= cost
+            if level > burst:
+                level = burst
+        elif cost <= level:
+            level -= cost
+        else:
+            retry = math.inf if cost > burst else (cost - level) / rate
+            return TakeResult(False, level, retry, max(0.0, (burst - level) / rate))
+        reset = max(0.0, (burst - level) / rate)
+        if force or cost > 0:
+            table[key] = (level, at, clock + reset + _BUCKET_GRACE_S)
+            self._writes += 1
+            if not self._writes % self._SWEEP_EVERY:
+                self._sweep()
+        return TakeResult(True, level, 0.0, reset)
 
     async def take(
         self, key: str, cost: float, rate_per_s: float, burst: float, now: float | None = None
@@ -565,8 +544,8 @@ class MemoryStore(Store):
     async def take_all(
         self, buckets: Sequence[Bucket], now: float | None = None
     ) -> tuple[TakeResult, ...]:
-        # The hot path of a rate limit: _check_take, _refill and _bucket_step, inline, in one
-        # pass that takes as it goes and puts back what it took if a later bucket refuses.
+        # The hot path of a rate limit: _check_take and _step, inline, in one pass that
+        # takes as it goes and puts back what it took if a later bucket refuses.
         clock = self._clock()
         at = clock if now is None else now
         table = self._buckets
@@ -587,7 +566,7 @@ class MemoryStore(Store):
                     level = burst
             if cost > level:
                 self._put_back(taken)
-                return self._refuse(buckets, len(results), clock, at)
+                return self._refuse(buckets, len(results), at)
             level -= cost
             reset = (burst - level) / rate
             if cost > 0:
@@ -606,22 +585,13 @@ class MemoryStore(Store):
             else:
                 self._buckets[key] = entry
 
-    def _refuse(
-        self, buckets: Sequence[Bucket], refused: int, clock: float, at: float
-    ) -> tuple[TakeResult, ...]:
+    def _refuse(self, buckets: Sequence[Bucket], refused: int, at: float) -> tuple[TakeResult, ...]:
         """``take_all``'s answer when bucket ``refused`` does not fit: that refusal, and a
         peek at every other bucket (nothing taken)."""
-        results = []
-        for i, (key, cost, rate, burst) in enumerate(buckets):
-            tokens, ts = self._bucket(key, clock)
-            level, _ = _refill(tokens, ts, at, rate, burst)
-            reset = max(0.0, (burst - level) / rate)
-            if i != refused:
-                results.append(TakeResult(True, level, 0.0, reset))
-            else:
-                retry = math.inf if cost > burst else (cost - level) / rate
-                results.append(TakeResult(False, level, retry, reset))
-        return tuple(results)
+        return tuple(
+            self._step(key, cost if i == refused else 0.0, rate, burst, at, False)
+            for i, (key, cost, rate, burst) in enumerate(buckets)
+        )
 
     def adjust_nowait(
         self,
