@@ -60,7 +60,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, TypeGuard
 
@@ -163,12 +163,22 @@ class EmbedBatching:
 
     # --- the request path ---------------------------------------------------------
 
-    async def __call__(self, exchange: Exchange, call_next: Next) -> Reply:
+    def __call__(self, exchange: Exchange, call_next: Next) -> Awaitable[Reply]:
+        # Not a coroutine itself: what is not batched (every other route, several
+        # inputs...) goes to the next step with no frame of this policy's.
         if exchange.route.name not in self._routes or exchange.method != "POST":
-            return await call_next(exchange)
+            return call_next(exchange)
         found = _batchable(exchange)
         if found is None:
-            return await call_next(exchange)
+            return call_next(exchange)
+        return self._in_batch(exchange, call_next, found)
+
+    async def _in_batch(
+        self,
+        exchange: Exchange,
+        call_next: Next,
+        found: tuple[tuple[Any, ...], dict[str, Any], str],
+    ) -> Reply:
         key, document, text = found
         loop = asyncio.get_running_loop()
         batch = self._open.get(key)

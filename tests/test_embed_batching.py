@@ -308,9 +308,15 @@ async def eventually(condition: Callable[[], bool], within: float = 2.0) -> None
         await asyncio.sleep(0.001)
 
 
-def run(policy: EmbedBatching, stub: StubUpstream, exchange: Exchange) -> asyncio.Task[Reply]:
-    call: Callable[[Exchange], Awaitable[Reply]] = stub
-    return asyncio.create_task(policy(exchange, call))
+def started(
+    policy: EmbedBatching, exchange: Exchange, call: Callable[[Exchange], Awaitable[Reply]]
+) -> asyncio.Future[Reply]:
+    """The policy's call running on its own (it returns an awaitable, not always a coroutine)."""
+    return asyncio.ensure_future(policy(exchange, call))
+
+
+def run(policy: EmbedBatching, stub: StubUpstream, exchange: Exchange) -> asyncio.Future[Reply]:
+    return started(policy, exchange, stub)
 
 
 async def test_a_lone_request_waits_no_longer_than_the_window_and_goes_untouched() -> None:
@@ -420,7 +426,7 @@ async def test_an_error_raised_below_reaches_every_caller() -> None:
     async def failing(exchange: Exchange) -> Reply:
         raise UpstreamError(504, "the upstream did not answer in time", code="upstream_timeout")
 
-    tasks = [asyncio.create_task(policy(make_exchange(f"t{n}"), failing)) for n in range(3)]
+    tasks = [started(policy, make_exchange(f"t{n}"), failing) for n in range(3)]
     results = await asyncio.gather(*tasks, return_exceptions=True)
     assert all(isinstance(error, UpstreamError) for error in results)
     assert len({id(error) for error in results}) == 3  # one exception object per caller
@@ -440,7 +446,7 @@ async def test_an_answer_that_cannot_be_split_makes_each_caller_go_alone() -> No
         body = {"object": "list", "data": data, "model": EMBED_MODEL}
         return Reply(200, CIMultiDict(), orjson.dumps(body) if isinstance(value, str) else b"{}")
 
-    tasks = [asyncio.create_task(policy(make_exchange(f"t{n}"), list_refusing)) for n in range(3)]
+    tasks = [started(policy, make_exchange(f"t{n}"), list_refusing) for n in range(3)]
     replies = await asyncio.gather(*tasks)
     assert calls[0] == ["t0", "t1", "t2"] and sorted(calls[1:]) == ["t0", "t1", "t2"]
     assert all(orjson.loads(reply.body)["data"][0]["embedding"] == [1.0] for reply in replies)
