@@ -51,9 +51,8 @@ upstream call of each miss and never hears of the hits.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Callable, Coroutine
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any, ClassVar, Protocol
 
 import orjson
@@ -65,7 +64,7 @@ from sidecar.config import ByteSize
 from sidecar.errors import StreamInterrupted
 from sidecar.exchange import Exchange, Reply
 from sidecar.ledger import UsageLedger, UsageRecord
-from sidecar.replies import StreamEnd
+from sidecar.replies import StreamEnd, WatchedChunks
 from sidecar.routes import GENERATION_ROUTES
 from sidecar.streams import LastNdjsonLine
 from sidecar.tokens import Encoding, TokenCounter, completion_text, prompt_tokens
@@ -365,15 +364,18 @@ class _Kept:
 OnMeteredEnd = Callable[[StreamEnd, Counts, _Kept], None]
 
 
-class MeteredChunks(AsyncGenerator[bytes, None]):
+class MeteredChunks(WatchedChunks):
     """Relays a stream through a usage scanner and reports once how it ended.
 
-    A class, not an `async def` generator, for the reason sidecar/replies.py
-    gives: closed before its first chunk, it still closes what it wraps and
-    still reports (as "abandoned"), so the request is metered whatever happens.
+    A WatchedChunks (see sidecar/replies.py): closed before its first chunk, it
+    still closes what it wraps and still reports (as "abandoned"), so the
+    request is metered whatever happens; and the policies outside metering that
+    watch the stream (ratelimit, budget, tracing) join it instead of wrapping
+    it again. Metering's own report is the first watcher, so `facts["usage"]`
+    is there when theirs run.
     """
 
-    __slots__ = ("_after", "_ended", "_inner", "_kept", "_ndjson", "_on_end", "_sse")
+    __slots__ = ("_after", "_kept", "_ndjson", "_sse")
 
     def __init__(
         self,
@@ -384,80 +386,47 @@ class MeteredChunks(AsyncGenerator[bytes, None]):
         ndjson: NdjsonLastLine | None,
         kept: _Kept,
     ) -> None:
-        self._inner = inner
-        self._on_end = on_end
+        def ended(how: StreamEnd, error: StreamInterrupted | None) -> None:
+            if sse is not None:
+                counts = sse.counts
+            elif ndjson is not None:
+                counts = ndjson.counts()
+            else:
+                counts = Counts()
+            on_end(how, counts, kept)
+
+        super().__init__(inner, ended)
         self._sse = sse
         self._ndjson = ndjson
         self._kept = kept
-        self._ended = False
-        # What the next asend raises after held-back bytes went out first.
+        # What the next pull raises after held-back bytes went out first.
         self._after: BaseException | None = None
 
-    def __anext__(self) -> Coroutine[Any, Any, bytes]:
-        return self.asend(None)
-
-    async def asend(self, value: None) -> bytes:
+    async def _pull(self) -> bytes:
         if self._after is not None:
             error, self._after = self._after, None
             raise error
+        inner = self._inner
+        assert inner is not None
+        sse = self._sse
         while True:
             try:
-                chunk = await self._inner.asend(value)
-            except StopAsyncIteration:
-                rest = self._sse.finish() if self._sse is not None else b""
-                self._end("complete")
-                if rest:
-                    self._after = StopAsyncIteration()
-                    return rest
-                raise
-            except StreamInterrupted as error:
-                rest = self._sse.finish() if self._sse is not None else b""
-                self._end("failed")
+                chunk = await inner.asend(None)
+            except (StopAsyncIteration, StreamInterrupted) as error:
+                rest = sse.finish() if sse is not None else b""
                 if rest:
                     self._after = error
                     return rest
                 raise
-            except BaseException:
-                self._end("abandoned")
-                raise
             self._kept.add(chunk)
-            if self._sse is not None:
-                out = self._sse.feed(chunk)
+            if sse is not None:
+                out = sse.feed(chunk)
                 if out:
                     return out
                 continue  # all held back (an unfinished event, or the usage event)
             if self._ndjson is not None:
                 self._ndjson.feed(chunk)
             return chunk
-
-    async def athrow(
-        self,
-        typ: Any,
-        val: Any = None,
-        tb: TracebackType | None = None,
-    ) -> bytes:
-        try:
-            return await self._inner.athrow(typ, val, tb)
-        finally:
-            self._end("abandoned")
-
-    async def aclose(self) -> None:
-        try:
-            await self._inner.aclose()
-        finally:
-            self._end("abandoned")
-
-    def _end(self, how: StreamEnd) -> None:
-        if self._ended:
-            return
-        self._ended = True
-        if self._sse is not None:
-            counts = self._sse.counts
-        elif self._ndjson is not None:
-            counts = self._ndjson.counts()
-        else:
-            counts = Counts()
-        self._on_end(how, counts, self._kept)
 
 
 _MAX_ACCOUNTS = 4096

@@ -32,8 +32,9 @@ lets the request through unlimited (warning log, `ratelimit_store_errors_total`)
 `deny` answers 503 `store_unavailable`. Every request asks the store again, so service
 returns as soon as Redis does.
 
-Hot path: one store call per configured limit (two with both), no JSON parse unless a
-token limit is configured (then the body is parsed once for the completion cap).
+Hot path: one store call to admit (both buckets at once when both limits are set),
+no task per request (a stream settles its tokens without waiting), no JSON parse
+unless a token limit is configured (then the body is parsed once for the completion cap).
 """
 
 from __future__ import annotations

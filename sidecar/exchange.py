@@ -51,6 +51,8 @@ class Exchange:
     response_headers: CIMultiDict[str] = field(default_factory=CIMultiDict)
     _json: Any = None
     _json_parsed: bool = False
+    _model: str | None = None
+    _model_known: bool = False
 
     @property
     def json(self) -> Any:
@@ -68,12 +70,24 @@ class Exchange:
         """
         self._json = document
         self._json_parsed = True
+        self._model_known = False
         self.body = orjson.dumps(document)
 
     @property
     def model(self) -> str | None:
-        """The `model` the client asked for, if the body names one as a string."""
-        document = self.json
+        """The `model` the client asked for, if the body names one as a string.
+
+        Worked out once (several policies ask for it on every request) and again
+        after `set_json`, the only way the body changes.
+        """
+        if self._model_known:
+            return self._model
+        self._model = self._model_of(self.json)
+        self._model_known = True
+        return self._model
+
+    @staticmethod
+    def _model_of(document: Any) -> str | None:
         if isinstance(document, dict):
             model = document.get("model")
             if isinstance(model, str):
