@@ -10,10 +10,11 @@ from __future__ import annotations
 import itertools
 import os
 import re
+from collections.abc import Awaitable
 from typing import ClassVar
 
-import structlog
 from pydantic import BaseModel, ConfigDict, Field
+from structlog.contextvars import bind_contextvars
 
 from sidecar.chain import Next, PolicyContext, register
 from sidecar.exchange import Exchange, Reply
@@ -73,10 +74,12 @@ class Correlation:
                 return incoming
         return _REQUEST_IDS.next()
 
-    async def __call__(self, exchange: Exchange, call_next: Next) -> Reply:
+    def __call__(self, exchange: Exchange, call_next: Next) -> Awaitable[Reply]:
+        # A plain function handing back the next step's awaitable: nothing happens
+        # after the reply here, so a coroutine of its own would be a frame for nothing.
         request_id = self.request_id_for(exchange)
         exchange.request_id = request_id
         exchange.upstream_headers[self.header] = request_id
         exchange.response_headers[self.header] = request_id
-        structlog.contextvars.bind_contextvars(request_id=request_id)
-        return await call_next(exchange)
+        bind_contextvars(request_id=request_id)
+        return call_next(exchange)

@@ -40,9 +40,13 @@ class Policy(Protocol):
     name in /readyz detail), `async usage_detail(tenant) -> dict` (added to
     GET /sidecar/usage), `async purge(model | None) -> int | dict` (called by
     DELETE /sidecar/cache).
+
+    `__call__` is usually `async def`; a policy with nothing to do after the
+    reply may be a plain function returning `call_next(exchange)` itself, which
+    saves a coroutine frame per request.
     """
 
-    async def __call__(self, exchange: Exchange, call_next: Next) -> Reply: ...
+    def __call__(self, exchange: Exchange, call_next: Next) -> Awaitable[Reply]: ...
 
 
 @dataclass(frozen=True, slots=True)
