@@ -139,7 +139,12 @@ def build_responses(chunks: int) -> dict[str, object]:
         "choices": [],
         "usage": {"prompt_tokens": 26, "completion_tokens": chunks, "total_tokens": 26 + chunks},
     }
-    sse_usage_frames = [*sse_frames, _chunk(b"data: " + _dumps(usage_event) + b"\n\n")]
+    # Ollama writes the usage event right after the last content event, in the same
+    # step (no pause between them), so a paced stream is not one event longer with it.
+    sse_usage_frames = [
+        *sse_frames[:-1],
+        sse_frames[-1] + _chunk(b"data: " + _dumps(usage_event) + b"\n\n"),
+    ]
     sse_frames.append(_chunk(b"data: [DONE]\n\n"))
     sse_frames.append(b"0\r\n\r\n")
     sse_usage_frames.append(_chunk(b"data: [DONE]\n\n"))

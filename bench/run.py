@@ -144,6 +144,18 @@ def build_scenarios(chunks: int, pace_ms: float) -> dict[str, Scenario]:
                 min_latency_ms=pace_ms * chunks * 0.9,
             ),
             Scenario(
+                "sse_paced_c1",
+                f"SSE chat stream, {chunks} events {pace_ms:g} ms apart, 1 connection "
+                "(what the proxy adds to one stream, without queueing behind others)",
+                "sse",
+                chat,
+                1,
+                0.1,
+                expect_events=chunks + 1,
+                headers=(f"X-Bench-Chunk-Delay-Ms: {pace_ms:g}",),
+                min_latency_ms=pace_ms * chunks * 0.9,
+            ),
+            Scenario(
                 f"sse_paced{long_chunks}_c10",
                 f"SSE chat stream, {long_chunks} events {pace_ms:g} ms apart, 10 connections "
                 f"(with sse_paced_c10: the CPU of one relayed event)",
@@ -191,6 +203,7 @@ DEFAULT_SCENARIOS = (
     "chat_c50",
     "sse_c10",
     "ndjson_c10",
+    "sse_paced_c1",
     "sse_paced_c10",
     "sse_paced80_c10",
     "embed_batch_c10",
