@@ -402,31 +402,52 @@ class MeteredChunks(WatchedChunks):
         # What the next pull raises after held-back bytes went out first.
         self._after: BaseException | None = None
 
-    async def _pull(self) -> bytes:
-        if self._after is not None:
-            error, self._after = self._after, None
-            raise error
-        inner = self._inner
-        assert inner is not None
-        sse = self._sse
-        while True:
+    async def asend(self, value: None) -> bytes:
+        # WatchedChunks.asend with the scan inlined: per relayed chunk one frame of
+        # metering's wakes, not one for the watcher and one for the scan.
+        if self._first is not None:
+            chunk, self._first = self._first, None
+        else:
             try:
-                chunk = await inner.asend(None)
-            except (StopAsyncIteration, StreamInterrupted) as error:
-                rest = sse.finish() if sse is not None else b""
-                if rest:
-                    self._after = error
-                    return rest
+                if self._after is not None:
+                    error, self._after = self._after, None
+                    raise error
+                inner = self._inner
+                assert inner is not None
+                sse = self._sse
+                while True:
+                    try:
+                        read = await inner.asend(None)
+                    except (StopAsyncIteration, StreamInterrupted) as ending:
+                        rest = sse.finish() if sse is not None else b""
+                        if not rest:
+                            raise
+                        self._after = ending  # after the held-back bytes went out
+                        chunk = rest
+                        break
+                    self._kept.add(read)
+                    if sse is None:
+                        if self._ndjson is not None:
+                            self._ndjson.feed(read)
+                        chunk = read
+                        break
+                    chunk = sse.feed(read)
+                    if chunk:
+                        break
+                    # All held back (an unfinished event, or the usage event): read on.
+            except StopAsyncIteration:
+                self._end("complete", None)
                 raise
-            self._kept.add(chunk)
-            if sse is not None:
-                out = sse.feed(chunk)
-                if out:
-                    return out
-                continue  # all held back (an unfinished event, or the usage event)
-            if self._ndjson is not None:
-                self._ndjson.feed(chunk)
-            return chunk
+            except StreamInterrupted as error:
+                self._end("failed", error)
+                raise
+            except BaseException:
+                self._end("abandoned", None)
+                raise
+        if self._on_first is not None:
+            on_first, self._on_first = self._on_first, None
+            on_first()
+        return chunk
 
 
 _MAX_ACCOUNTS = 4096

@@ -388,18 +388,25 @@ class Connection(asyncio.Protocol):
         return data
 
     @property
+    def has_data(self) -> bool:
+        """Something to read now: body pieces, or an error to raise."""
+        return bool(self._pieces) or self.error is not None
+
+    @property
     def at_eof(self) -> bool:
         return self.complete and not self._pieces
 
-    async def wait(self) -> None:
-        """Until the stream has more, ends, or breaks."""
+    def wait(self) -> asyncio.Future[None]:
+        """Done when the stream has more, ends, or breaks: await it.
+
+        A future, not a coroutine: a relayed chunk wakes one frame fewer.
+        """
+        waiter: asyncio.Future[None] = self._pool.loop.create_future()
         if self._pieces or self.complete or self.error is not None:
-            return
-        self._waiter = self._pool.loop.create_future()
-        try:
-            await self._waiter
-        finally:
-            self._waiter = None
+            waiter.set_result(None)
+        else:
+            self._waiter = waiter
+        return waiter
 
     @property
     def reusable(self) -> bool:

@@ -331,35 +331,65 @@ class UpstreamChunks(WatchedChunks):
         self._waiting = upstream._deadlines.deadline(deadline)
         self._check = end_check(exchange.route.stream_end, stream_format)
 
-    async def _pull(self) -> bytes:
+    async def asend(self, value: None) -> bytes:
+        # WatchedChunks.asend with the read inlined: per relayed chunk, the frames
+        # that wake are this one and whoever awaits it, nothing in between.
+        if self._first is not None:
+            chunk, self._first = self._first, None
+        else:
+            try:
+                chunk = await self._read() if self._must_wait() else self._take()
+            except StopAsyncIteration:
+                self._end("complete", None)
+                raise
+            except StreamInterrupted as error:
+                self._end("failed", error)
+                raise
+            except BaseException:
+                self._end("abandoned", None)
+                raise
+        if self._on_first is not None:
+            on_first, self._on_first = self._on_first, None
+            on_first()
+        return chunk
+
+    def _must_wait(self) -> bool:
         connection = self._connection
-        loop = self._loop
+        return not connection.has_data and not connection.at_eof
+
+    def _take(self) -> bytes:
+        """What has arrived (there is something, or the end): StopAsyncIteration at a good end."""
         try:
-            while True:
-                chunk = connection.read_nowait()
-                if chunk:
-                    break
-                if connection.at_eof:
-                    check = self._check
-                    if check is not None and not check.complete():
-                        raise StreamInterrupted(
-                            "the upstream stream ended before its final event",
-                            code="upstream_stream_incomplete",
-                        )
-                    raise StopAsyncIteration
-                waiting = self._waiting
-                waiting.move(min(loop.time() + self._idle, self._deadline))
-                with waiting:
-                    await connection.wait()
+            chunk = self._connection.read_nowait()
+        except ConnectionError as exc:
+            raise _broken(exc) from None
+        if not chunk:
+            check = self._check
+            if check is not None and not check.complete():
+                raise StreamInterrupted(
+                    "the upstream stream ended before its final event",
+                    code="upstream_stream_incomplete",
+                )
+            raise StopAsyncIteration
+        if self._check is not None:
+            self._check.feed(chunk)
+        return chunk
+
+    async def _read(self) -> bytes:
+        """Wait for the next piece (the idle and total deadlines apply only here), then take it."""
+        loop = self._loop
+        waiting = self._waiting
+        waiting.move(min(loop.time() + self._idle, self._deadline))
+        try:
+            with waiting:
+                await self._connection.wait()
         except TimeoutError:
             reason = "total" if loop.time() >= self._deadline else "idle"
             raise StreamInterrupted(
                 f"the upstream stream stalled ({reason} timeout)", code="upstream_timeout"
             ) from None
-        except ConnectionError as exc:
-            raise StreamInterrupted(
-                f"the upstream connection broke mid-stream: {exc.__class__.__name__}"
-            ) from None
-        if self._check is not None:
-            self._check.feed(chunk)
-        return chunk
+        return self._take()
+
+
+def _broken(exc: BaseException) -> StreamInterrupted:
+    return StreamInterrupted(f"the upstream connection broke mid-stream: {exc.__class__.__name__}")
