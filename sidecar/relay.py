@@ -43,13 +43,32 @@ async def relay(request: web.BaseRequest, reply: Reply, exchange: Exchange) -> w
     headers["X-Accel-Buffering"] = "no"
     headers.setdefault("Cache-Control", "no-cache")
     response = RelayedStream(status=reply.status, headers=headers)
+    if request.version >= (1, 1):
+        # Said outright (aiohttp would choose it anyway): the fast path below frames
+        # chunks itself and must know. HTTP/1.0 clients get the body until the close.
+        response.enable_chunked_encoding()
     sent = 0
     last = b"\n\n"
     try:
         await response.prepare(request)
+        transport = request.transport
+        chunked = response.chunked
         try:
             async for chunk in chunks:
-                await response.write(chunk)
+                if not chunk:
+                    continue
+                if sent and transport is not None and not transport.get_write_buffer_size():
+                    # The head went out with the first chunk and the client keeps up
+                    # (nothing waits in the socket buffer): frame the chunk and hand it
+                    # to the transport. aiohttp's write path is two coroutines and
+                    # several calls per chunk, a fifth of what relaying a chunk costs.
+                    if transport.is_closing():
+                        raise ConnectionResetError("the client closed the connection")
+                    transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
+                else:
+                    # The first chunk (with the head), and any chunk for a client that
+                    # reads slowly: aiohttp's path, with its back-pressure.
+                    await response.write(chunk)
                 sent += len(chunk)
                 last = chunk
         except StreamInterrupted as broken:

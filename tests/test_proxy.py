@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import re
+import socket
 
 import aiohttp
 import orjson
@@ -469,3 +471,80 @@ async def test_route_timeouts_override_the_default_for_one_route(
     release.set()
     async with await request as response:
         assert response.status == 200
+
+
+async def test_a_long_stream_read_in_small_pieces_arrives_byte_for_byte(
+    sidecar: Sidecar, fake: FakeOllama, http: aiohttp.ClientSession
+) -> None:
+    """The relay frames chunks itself while the client keeps up and lets aiohttp do it
+    (with back-pressure) when the socket buffer is not empty: both must interleave cleanly."""
+    # ~16 MB: more than the socket buffers on both sides hold.
+    fake.chunks = [f"{n:05d} " + "x" * 4000 for n in range(4000)]
+    body = {**CHAT, "stream": True}
+    async with http.post(f"{fake.url}/v1/chat/completions", json=body) as direct:
+        expected = await direct.read()
+    # A client with a small receive buffer, so the sidecar's socket buffer fills and
+    # the relay switches between its own framing and aiohttp's as the client drains.
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    host, port = sidecar.url.removeprefix("http://").rsplit(":", 1)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    payload = orjson.dumps(body)
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(payload)
+        + payload
+    )
+    async with asyncio.timeout(30):
+        answer = await reader.read(-1)
+    writer.close()
+    head, _, framed = answer.partition(b"\r\n\r\n")
+    assert b"transfer-encoding: chunked" in head.lower()
+    received = _dechunk(framed)
+    assert _without_ids(received) == _without_ids(expected)
+    assert received.endswith(b"data: [DONE]\n\n")
+
+
+async def test_an_http_1_0_client_gets_the_stream_unframed_until_the_close(
+    sidecar: Sidecar,
+) -> None:
+    host, port = sidecar.url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    payload = orjson.dumps({**CHAT, "stream": True})
+    writer.write(
+        b"POST /api/chat HTTP/1.0\r\nContent-Type: application/json\r\n"
+        + b"Content-Length: %d\r\n\r\n" % len(payload)
+        + payload
+    )
+    async with asyncio.timeout(10):
+        answer = await reader.read(-1)  # the sidecar closes after the body
+    writer.close()
+    head, _, stream = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200") or head.startswith(b"HTTP/1.1 200")
+    assert b"chunked" not in head.lower()
+    lines = stream.splitlines()
+    assert all(orjson.loads(line) for line in lines)
+    assert orjson.loads(lines[-1])["done"] is True
+
+
+def _without_ids(stream: bytes) -> bytes:
+    """A stream with the per-answer parts (id, created, timings) masked."""
+    return re.sub(rb'"(id|created|system_fingerprint)":("[^"]*"|\d+)', rb'"\1":0', stream)
+
+
+def _dechunk(framed: bytes) -> bytes:
+    """A chunked body decoded strictly: every size line, every CRLF, the final 0 chunk."""
+    out = bytearray()
+    at = 0
+    while True:
+        end = framed.index(b"\r\n", at)
+        size = int(framed[at:end], 16)
+        at = end + 2
+        if size == 0:
+            assert framed[at:] == b"\r\n"
+            return bytes(out)
+        out += framed[at : at + size]
+        assert framed[at + size : at + size + 2] == b"\r\n"
+        at += size + 2
