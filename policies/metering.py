@@ -157,13 +157,15 @@ class MemoryUsage:
         self.total = Totals()
         self.by_key: dict[tuple[str, str], Totals] = {}
 
+    def totals_for(self, tenant: str, model: str) -> Totals:
+        totals = self.by_key.get((tenant, model))
+        if totals is None:
+            totals = self.by_key[(tenant, model)] = Totals()
+        return totals
+
     def record(self, record: UsageRecord) -> None:
         self.total.add(record)
-        key = (record.tenant, record.model)
-        totals = self.by_key.get(key)
-        if totals is None:
-            totals = self.by_key[key] = Totals()
-        totals.add(record)
+        self.totals_for(record.tenant, record.model).add(record)
 
 
 class BoundedLabels:
@@ -217,6 +219,11 @@ def usage_of(document: dict[str, Any]) -> tuple[Any, Any] | None:
                 break
         else:
             return None
+    return counts_of_usage(usage)
+
+
+def counts_of_usage(usage: dict[str, Any]) -> tuple[Any, Any]:
+    """(prompt, completion) from a usage object, OpenAI's or Anthropic's names."""
     return (
         usage.get("prompt_tokens", usage.get("input_tokens")),
         usage.get("completion_tokens", usage.get("output_tokens")),
@@ -435,14 +442,8 @@ class MeteredChunks(WatchedChunks):
                     if chunk:
                         break
                     # All held back (an unfinished event, or the usage event): read on.
-            except StopAsyncIteration:
-                self._end("complete", None)
-                raise
-            except StreamInterrupted as error:
-                self._end("failed", error)
-                raise
-            except BaseException:
-                self._end("abandoned", None)
+            except BaseException as error:
+                self._ended_by(error)
                 raise
         if self._on_first is not None:
             on_first, self._on_first = self._on_first, None
@@ -491,10 +492,7 @@ def _tail_usage(body: bytes) -> tuple[Any, Any] | None:
         return None
     if not isinstance(usage, dict):
         return None
-    return (
-        usage.get("prompt_tokens", usage.get("input_tokens")),
-        usage.get("completion_tokens", usage.get("output_tokens")),
-    )
+    return counts_of_usage(usage)
 
 
 def _price_key(model: str) -> str:
@@ -538,7 +536,6 @@ class Metering:
             "Cost of the tokens used, from metering.prices (per 1M tokens).",
             ("tenant", "model"),
         )
-        self._children: dict[tuple[str, str], tuple[Any, ...]] = {}
         self._accounts: dict[tuple[str, str], _Account] = {}
 
     async def start(self) -> None:
@@ -709,14 +706,12 @@ class Metering:
         account = self._accounts.get((tenant, model))
         if account is None:
             label_tenant, label_model = self._tenants(tenant), self._models(model)
-            children = self._children.get((label_tenant, label_model))
-            if children is None:
-                children = self._children_of(label_tenant, label_model)
-            totals = self.memory.by_key.get((label_tenant, label_model))
-            if totals is None:
-                totals = self.memory.by_key[(label_tenant, label_model)] = Totals()
             account = _Account(
-                label_tenant, label_model, self.prices.get(_price_key(model)), children, totals
+                label_tenant,
+                label_model,
+                self.prices.get(_price_key(model)),
+                self._children_of(label_tenant, label_model),
+                self.memory.totals_for(label_tenant, label_model),
             )
             if len(self._accounts) < _MAX_ACCOUNTS:  # raw names are open-ended
                 self._accounts[(tenant, model)] = account
@@ -762,27 +757,11 @@ class Metering:
         return record
 
     def _children_of(self, tenant: str, model: str) -> tuple[Any, ...]:
-        """The labelled metric children of one tenant and model, looked up once."""
-        children = (
+        """The labelled metric children of one tenant and model."""
+        return (
             self._tokens.labels(tenant, model, "prompt"),
             self._tokens.labels(tenant, model, "completion"),
             self._requests.labels(tenant, model, "upstream"),
             self._requests.labels(tenant, model, "estimated"),
             self._cost.labels(tenant, model),
         )
-        self._children[(tenant, model)] = children
-        return children
-
-    def record(self, record: UsageRecord) -> None:
-        """Count one metered request: metrics, this process's totals, and the store if any."""
-        children = self._children.get((record.tenant, record.model))
-        if children is None:
-            children = self._children_of(record.tenant, record.model)
-        prompt, completion, from_upstream, estimated, cost = children
-        prompt.inc(record.prompt_tokens)
-        completion.inc(record.completion_tokens)
-        (estimated if record.estimated else from_upstream).inc()
-        if record.cost:
-            cost.inc(record.cost)
-        self.memory.record(record)
-        self.store.record(record)

@@ -228,12 +228,6 @@ class Connection(asyncio.Protocol):
                 )
         self._pool._forget(self)
 
-    def pause_writing(self) -> None:  # a large request body: the transport buffers it
-        pass
-
-    def resume_writing(self) -> None:
-        pass
-
     # -- httptools callbacks ---------------------------------------------------
 
     def on_header(self, name: bytes, value: bytes) -> None:

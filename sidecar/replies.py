@@ -87,14 +87,8 @@ class WatchedChunks(AsyncGenerator[bytes, None]):
         else:
             try:
                 chunk = await self._pull()
-            except StopAsyncIteration:
-                self._end("complete", None)
-                raise
-            except StreamInterrupted as error:
-                self._end("failed", error)
-                raise
-            except BaseException:
-                self._end("abandoned", None)
+            except BaseException as error:
+                self._ended_by(error)
                 raise
         if self._on_first is not None:
             on_first, self._on_first = self._on_first, None
@@ -119,6 +113,15 @@ class WatchedChunks(AsyncGenerator[bytes, None]):
             if self._inner is not None:
                 await self._inner.aclose()
         finally:
+            self._end("abandoned", None)
+
+    def _ended_by(self, error: BaseException) -> None:
+        """Report the end a read raised: its last chunk, a break, or anything else."""
+        if isinstance(error, StopAsyncIteration):
+            self._end("complete", None)
+        elif isinstance(error, StreamInterrupted):
+            self._end("failed", error)
+        else:
             self._end("abandoned", None)
 
     def _end(self, how: StreamEnd, error: StreamInterrupted | None) -> None:

@@ -339,14 +339,8 @@ class UpstreamChunks(WatchedChunks):
         else:
             try:
                 chunk = await self._read() if self._must_wait() else self._take()
-            except StopAsyncIteration:
-                self._end("complete", None)
-                raise
-            except StreamInterrupted as error:
-                self._end("failed", error)
-                raise
-            except BaseException:
-                self._end("abandoned", None)
+            except BaseException as error:
+                self._ended_by(error)
                 raise
         if self._on_first is not None:
             on_first, self._on_first = self._on_first, None
