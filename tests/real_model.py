@@ -128,10 +128,6 @@ class LlamaServer:
                         *("-m", str(self.artifacts.model), "--alias", MODEL_ALIAS),
                         *("--host", "127.0.0.1", "--port", str(self.port)),
                         *("-c", "4096", "-t", "2", "--parallel", "2"),
-                        # One HTTP thread per kept-alive connection: the module's clients
-                        # (direct, several sidecars) hold more than the default n_parallel + 2,
-                        # and a connection left without a thread is dropped under a client.
-                        *("--threads-http", "16"),
                         *("--embeddings", "--pooling", "mean", "--no-webui"),
                     ],
                     stdin=subprocess.DEVNULL,
