@@ -10,19 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, is_dataclass
 from functools import partial
-from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, runtime_checkable
-
-from pydantic import BaseModel
 
 from sidecar.exchange import Exchange, Reply
 from sidecar.stores import Store, open_store
 
 if TYPE_CHECKING:
+    from importlib.metadata import EntryPoint
+
     from sidecar.config import Settings
     from sidecar.observability import Metrics
 
@@ -68,7 +68,7 @@ class PolicyContext:
 class PolicyFactory(Protocol):
     """A policy class: its options model and a constructor taking (options, context)."""
 
-    config_model: ClassVar[type[BaseModel]]
+    config_model: ClassVar[type[Any]]
 
     def __call__(self, config: Any, context: PolicyContext) -> Policy: ...
 
@@ -123,12 +123,28 @@ def find_policy(name: str) -> PolicyFactory:
 
 def _checked(name: str, candidate: object) -> PolicyFactory:
     model = getattr(candidate, "config_model", None)
-    if not callable(candidate) or not (isinstance(model, type) and issubclass(model, BaseModel)):
+    if not callable(candidate) or not (is_dataclass(model) or _is_pydantic_model(model)):
         raise UnknownPolicy(
-            f"{name!r} is not a policy: it needs a `config_model` (a pydantic model) "
+            f"{name!r} is not a policy: it needs a `config_model` (a dataclass or pydantic model) "
             "and a constructor taking (config, context)"
         )
     return candidate  # type: ignore[return-value]
+
+
+def entry_points(group: str) -> tuple[EntryPoint, ...]:
+    """The installed plug-ins of `group`; importlib.metadata (with email, zipfile, csv...)
+    is imported only when a config names a policy that is not built in."""
+    from importlib.metadata import entry_points as installed
+
+    return tuple(installed(group=group))
+
+
+def _is_pydantic_model(model: object) -> bool:
+    """A plug-in's pydantic model; asked without importing pydantic when nothing did yet."""
+    pydantic = sys.modules.get("pydantic")
+    return (
+        pydantic is not None and isinstance(model, type) and issubclass(model, pydantic.BaseModel)
+    )
 
 
 def _builtin_modules() -> dict[str, str]:

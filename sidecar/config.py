@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 from sidecar.chain import PolicyFactory, UnknownPolicy, find_policy
+from sidecar.knobs import validate
 from sidecar.routes import MANAGEMENT_NAMES, ROUTE_NAMES
 from sidecar.units import parse_duration, parse_size
 
@@ -238,7 +239,7 @@ class ConfiguredPolicy:
 
     __slots__ = ("factory", "name", "options")
 
-    def __init__(self, name: str, options: BaseModel, factory: PolicyFactory) -> None:
+    def __init__(self, name: str, options: Any, factory: PolicyFactory) -> None:
         self.name = name
         self.options = options
         self.factory = factory
@@ -398,7 +399,7 @@ def _parse_policies(raw: Any, problems: list[tuple[str, str]]) -> tuple[Configur
         if options is None:
             options = {}
         try:
-            model = factory.config_model.model_validate(options)
+            model = validate(factory.config_model, options)
         except ValidationError as exc:
             problems.extend(_pydantic_problems(exc, prefix=f"{where}.{name}"))
             continue
@@ -413,7 +414,7 @@ def _pydantic_problems(error: ValidationError, prefix: str) -> list[tuple[str, s
         for part in detail["loc"]:
             path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
         message = detail["msg"]
-        if detail["type"] == "extra_forbidden":
+        if detail["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
             message = "unknown setting"
         elif detail["type"] == "value_error":
             message = message.removeprefix("Value error, ")
