@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from functools import cache
-from typing import TYPE_CHECKING, Annotated, Any, Final, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Final, TypeVar, cast
 
 from sidecar.units import parse_duration, parse_size
 
@@ -147,7 +147,8 @@ def _adapter(model: Any) -> TypeAdapter[Any]:
 
 def adapter(model: type[_ModelT]) -> TypeAdapter[_ModelT]:
     """pydantic's validator for one config model, built once (this imports pydantic)."""
-    return _adapter(model)
+    built: TypeAdapter[_ModelT] = _adapter(cast(Any, model))
+    return built
 
 
 def validate(model: type[_ModelT], data: Any) -> _ModelT:
