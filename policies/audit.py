@@ -44,17 +44,17 @@ import re
 import sys
 import time
 from collections.abc import AsyncGenerator
+from dataclasses import dataclass
 from types import TracebackType
-from typing import IO, Any, BinaryIO, ClassVar, Literal
+from typing import IO, Annotated, Any, BinaryIO, ClassVar, Literal
 
 import orjson
 import structlog
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from sidecar.chain import Next, PolicyContext, register
-from sidecar.config import ByteSize, Duration
 from sidecar.errors import SidecarError, StreamInterrupted
 from sidecar.exchange import Exchange, Reply
+from sidecar.knobs import STRICT, AfterValidator, ByteSize, Duration, Field
 from sidecar.observability import BatchedLines
 from sidecar.replies import StreamEnd, watch_stream
 from sidecar.tokens import completion_text
@@ -75,76 +75,90 @@ def _log() -> Any:
     return structlog.get_logger("sidecar.audit")
 
 
-class AuditConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+def _compiles(value: tuple[str, ...]) -> tuple[str, ...]:
+    """`redact` patterns that compile and cannot match nothing, checked at start, not per request."""
+    for index, pattern in enumerate(value):
+        if not pattern:
+            raise ValueError(f"redact[{index}] is empty: it would match everywhere")
+        try:
+            compiled = re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"redact[{index}] {pattern!r} is not a valid regex: {exc}") from None
+        if compiled.match(""):
+            raise ValueError(f"redact[{index}] {pattern!r} matches the empty string")
+    return value
 
-    sink: Literal["stdout", "file"] = Field(
-        "stdout", description="Where lines go: stdout (with the logs) or a rotating file."
-    )
-    path: str | None = Field(
-        None,
-        min_length=1,
-        description="With sink: file, the file to append to (writable at start).",
-    )
-    max_bytes: ByteSize = Field(
-        100 * 1024 * 1024,
-        ge=256,
-        le=1024**4,
-        description="With sink: file, rotate before the file grows past this size.",
-    )
-    backups: int = Field(
-        5, ge=0, le=1000, description="Rotated files kept (PATH.1 newest); 0 truncates instead."
-    )
-    flush_interval: Duration = Field(
-        0.2, gt=0, le=60, description="Longest a line waits in the buffer before it is written."
-    )
-    flush_bytes: ByteSize = Field(
-        64 * 1024,
-        ge=1,
-        le=16 * 1024 * 1024,
-        description="Buffer size that triggers a write at once.",
-    )
-    include_bodies: bool = Field(
-        False, description="Also write the request body and the completion text (redacted)."
-    )
-    max_body_bytes: ByteSize = Field(
-        4096,
-        ge=0,
-        le=1024 * 1024,
-        description="With include_bodies: bytes kept of each body; the rest is cut.",
-    )
-    redact: tuple[str, ...] = Field(
-        DEFAULT_REDACT,
-        max_length=100,
-        description="Regular expressions whose matches in bodies are replaced by `redact_with`.",
-    )
-    redact_with: str = Field(
-        "[REDACTED]", max_length=100, description="What a redacted match is replaced with."
-    )
 
-    @field_validator("redact")
-    @classmethod
-    def _compiles(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        for index, pattern in enumerate(value):
-            if not pattern:
-                raise ValueError(f"redact[{index}] is empty: it would match everywhere")
-            try:
-                compiled = re.compile(pattern)
-            except re.error as exc:
-                raise ValueError(
-                    f"redact[{index}] {pattern!r} is not a valid regex: {exc}"
-                ) from None
-            if compiled.match(""):
-                raise ValueError(f"redact[{index}] {pattern!r} matches the empty string")
-        return value
+@dataclass(frozen=True, kw_only=True)
+class AuditConfig:
+    __pydantic_config__ = STRICT
 
-    @model_validator(mode="after")
-    def _path_with_file(self) -> AuditConfig:
+    sink: Annotated[
+        Literal["stdout", "file"],
+        Field(description="Where lines go: stdout (with the logs) or a rotating file."),
+    ] = "stdout"
+    path: Annotated[
+        str | None,
+        Field(
+            min_length=1,
+            description="With sink: file, the file to append to (writable at start).",
+        ),
+    ] = None
+    max_bytes: Annotated[
+        ByteSize,
+        Field(
+            ge=256,
+            le=1024**4,
+            description="With sink: file, rotate before the file grows past this size.",
+        ),
+    ] = 100 * 1024 * 1024
+    backups: Annotated[
+        int,
+        Field(
+            ge=0, le=1000, description="Rotated files kept (PATH.1 newest); 0 truncates instead."
+        ),
+    ] = 5
+    flush_interval: Annotated[
+        Duration,
+        Field(gt=0, le=60, description="Longest a line waits in the buffer before it is written."),
+    ] = 0.2
+    flush_bytes: Annotated[
+        ByteSize,
+        Field(
+            ge=1,
+            le=16 * 1024 * 1024,
+            description="Buffer size that triggers a write at once.",
+        ),
+    ] = 64 * 1024
+    include_bodies: Annotated[
+        bool,
+        Field(description="Also write the request body and the completion text (redacted)."),
+    ] = False
+    max_body_bytes: Annotated[
+        ByteSize,
+        Field(
+            ge=0,
+            le=1024 * 1024,
+            description="With include_bodies: bytes kept of each body; the rest is cut.",
+        ),
+    ] = 4096
+    redact: Annotated[
+        tuple[str, ...],
+        AfterValidator(_compiles),
+        Field(
+            max_length=100,
+            description="Regular expressions whose matches in bodies are replaced by `redact_with`.",
+        ),
+    ] = DEFAULT_REDACT
+    redact_with: Annotated[
+        str, Field(max_length=100, description="What a redacted match is replaced with.")
+    ] = "[REDACTED]"
+
+    def __post_init__(self) -> None:
         if self.sink == "file" and self.path is None:
             raise ValueError("sink: file needs a `path`")
         if self.sink == "stdout" and self.path is not None:
             raise ValueError("`path` is only used with sink: file")
-        return self
 
 
 class LineSink(BatchedLines):
@@ -337,7 +351,7 @@ def _model_of(exchange: Exchange) -> str | None:
 class Audit:
     """Writes one JSON line per request to stdout or a rotating file."""
 
-    config_model: ClassVar[type[BaseModel]] = AuditConfig
+    config_model: ClassVar[type[Any]] = AuditConfig
 
     def __init__(self, config: AuditConfig, context: PolicyContext) -> None:
         self.config = config

@@ -51,27 +51,18 @@ import hashlib
 import os
 import re
 from collections.abc import Awaitable, Mapping
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Annotated, Any, ClassVar
 
 import structlog
 import yaml
 from multidict import CIMultiDict, CIMultiDictProxy
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    StringConstraints,
-    TypeAdapter,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
 
 from sidecar.chain import Next, PolicyContext, register
-from sidecar.config import Duration
 from sidecar.errors import SidecarError
 from sidecar.exchange import Exchange, Reply
+from sidecar.knobs import STRICT, AfterValidator, BeforeValidator, Duration, Field, validate
 
 log = structlog.get_logger("sidecar.auth")
 
@@ -80,7 +71,6 @@ MIN_KEY_LENGTH = 16
 MAX_KEY_LENGTH = 4096
 
 TENANT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
-TenantName = Annotated[str, StringConstraints(pattern=TENANT_PATTERN)]
 _TENANT = re.compile(TENANT_PATTERN)
 _ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
 _HEADER_NAME = r"^[A-Za-z0-9-]{1,64}$"
@@ -99,104 +89,127 @@ def key_digest(key: str) -> bytes:
     return hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
 
 
-class KeyEntry(BaseModel):
-    """One client key: its SHA-256 (or the key itself, hashed at load) and its tenant."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    key_sha256: str = Field(
-        pattern=r"^[0-9a-fA-F]{64}$",
-        description="SHA-256 of the key, 64 hex digits (`printf %s KEY | sha256sum`).",
-    )
-    tenant: TenantName = Field(
-        description="Tenant the key belongs to: 1-63 of A-Z a-z 0-9 . _ -, starting alphanumeric."
-    )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _hash_plaintext(cls, data: Any) -> Any:
-        # `key:` is a convenience: it is replaced by its digest here, so the
-        # plaintext is never stored, and no message below repeats it.
-        if not isinstance(data, dict) or "key" not in data:
-            return data
-        if "key_sha256" in data:
-            raise ValueError("give either `key` or `key_sha256`, not both")
-        data = dict(data)
-        key = data.pop("key")
-        if not isinstance(key, str):
-            raise ValueError("`key` must be a string")
-        if not MIN_KEY_LENGTH <= len(key) <= MAX_KEY_LENGTH:
-            raise ValueError(f"`key` must be {MIN_KEY_LENGTH} to {MAX_KEY_LENGTH} characters long")
-        if any(character.isspace() for character in key):
-            raise ValueError("`key` must not contain whitespace")
-        data["key_sha256"] = key_digest(key).hex()
+def _hash_plaintext(data: Any) -> Any:
+    """A key entry given as `{key, tenant}` as `{key_sha256, tenant}`."""
+    # `key:` is a convenience: it is replaced by its digest here, so the
+    # plaintext is never stored, and no message below repeats it.
+    if not isinstance(data, dict) or "key" not in data:
         return data
+    if "key_sha256" in data:
+        raise ValueError("give either `key` or `key_sha256`, not both")
+    data = dict(data)
+    key = data.pop("key")
+    if not isinstance(key, str):
+        raise ValueError("`key` must be a string")
+    if not MIN_KEY_LENGTH <= len(key) <= MAX_KEY_LENGTH:
+        raise ValueError(f"`key` must be {MIN_KEY_LENGTH} to {MAX_KEY_LENGTH} characters long")
+    if any(character.isspace() for character in key):
+        raise ValueError("`key` must not contain whitespace")
+    data["key_sha256"] = key_digest(key).hex()
+    return data
 
-    @field_validator("key_sha256")
-    @classmethod
-    def _lower(cls, value: str) -> str:
-        return value.lower()
+
+def _lower(value: str) -> str:
+    return value.lower()
 
 
-_KEY_LIST = TypeAdapter(list[KeyEntry])
+@dataclass(frozen=True, kw_only=True)
+class KeyEntry:
+    """One client key: its SHA-256 (or the key itself, hashed at load) and its tenant.
+
+    Wherever entries are validated, `_hash_plaintext` runs first (a
+    BeforeValidator on the entry's type), so `{key, tenant}` is accepted too.
+    """
+
+    __pydantic_config__ = STRICT
+
+    key_sha256: Annotated[
+        str,
+        AfterValidator(_lower),
+        Field(
+            pattern=r"^[0-9a-fA-F]{64}$",
+            description="SHA-256 of the key, 64 hex digits (`printf %s KEY | sha256sum`).",
+        ),
+    ]
+    tenant: Annotated[
+        str,
+        Field(
+            pattern=TENANT_PATTERN,
+            description="Tenant the key belongs to: 1-63 of A-Z a-z 0-9 . _ -, starting alphanumeric.",
+        ),
+    ]
 
 
-class AuthConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+def _tenant_names(value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    bad = sorted(name for name in value if not _TENANT.match(name))
+    if bad:
+        raise ValueError(
+            f"invalid tenant name(s) {', '.join(map(repr, bad))}: "
+            "1-63 of A-Z a-z 0-9 . _ -, starting alphanumeric"
+        )
+    return value
 
-    keys: tuple[KeyEntry, ...] = Field(
-        (),
-        max_length=100_000,
-        description="Client keys in the YAML: {key_sha256, tenant}, or {key, tenant} (hashed at load).",
-    )
-    keys_env: str | None = Field(
-        None,
-        pattern=_ENV_NAME,
-        description="Environment variable holding more keys, a YAML/JSON list of the same shape.",
-    )
-    keys_file: str | None = Field(
-        None,
-        min_length=1,
-        max_length=4096,
-        description="File (a mounted Secret) holding more keys, a YAML list; re-read on change.",
-    )
-    file_check_interval: Duration = Field(
-        5.0,
-        ge=0.05,
-        le=3600,
-        description="Longest time between two checks (one os.stat, on a request) of keys_file.",
-    )
-    tenants: dict[str, dict[str, Any]] = Field(
-        default_factory=dict,
-        description="Per-tenant overrides (limits, budgets) other policies read, by tenant name.",
-    )
-    allow_anonymous: bool = Field(
-        False, description="Let requests without a key through as tenant `anonymous`."
-    )
-    tenant_header: str | None = Field(
-        None,
-        pattern=_HEADER_NAME,
-        description="With allow_anonymous, take a keyless request's tenant from this header (trusted networks only).",
-    )
-    upstream_api_key_env: str | None = Field(
-        None,
-        pattern=_ENV_NAME,
-        description="Environment variable with a key sent upstream as `Authorization: Bearer`.",
-    )
 
-    @field_validator("tenants")
-    @classmethod
-    def _tenant_names(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        bad = sorted(name for name in value if not _TENANT.match(name))
-        if bad:
-            raise ValueError(
-                f"invalid tenant name(s) {', '.join(map(repr, bad))}: "
-                "1-63 of A-Z a-z 0-9 . _ -, starting alphanumeric"
-            )
-        return value
+@dataclass(frozen=True, kw_only=True)
+class AuthConfig:
+    __pydantic_config__ = STRICT
 
-    @model_validator(mode="after")
-    def _consistent(self) -> AuthConfig:
+    keys: Annotated[
+        tuple[Annotated[KeyEntry, BeforeValidator(_hash_plaintext)], ...],
+        Field(
+            max_length=100_000,
+            description="Client keys in the YAML: {key_sha256, tenant}, or {key, tenant} (hashed at load).",
+        ),
+    ] = ()
+    keys_env: Annotated[
+        str | None,
+        Field(
+            pattern=_ENV_NAME,
+            description="Environment variable holding more keys, a YAML/JSON list of the same shape.",
+        ),
+    ] = None
+    keys_file: Annotated[
+        str | None,
+        Field(
+            min_length=1,
+            max_length=4096,
+            description="File (a mounted Secret) holding more keys, a YAML list; re-read on change.",
+        ),
+    ] = None
+    file_check_interval: Annotated[
+        Duration,
+        Field(
+            ge=0.05,
+            le=3600,
+            description="Longest time between two checks (one os.stat, on a request) of keys_file.",
+        ),
+    ] = 5.0
+    tenants: Annotated[
+        dict[str, dict[str, Any]],
+        AfterValidator(_tenant_names),
+        Field(
+            description="Per-tenant overrides (limits, budgets) other policies read, by tenant name.",
+        ),
+    ] = field(default_factory=dict)
+    allow_anonymous: Annotated[
+        bool, Field(description="Let requests without a key through as tenant `anonymous`.")
+    ] = False
+    tenant_header: Annotated[
+        str | None,
+        Field(
+            pattern=_HEADER_NAME,
+            description="With allow_anonymous, take a keyless request's tenant from this header (trusted networks only).",
+        ),
+    ] = None
+    upstream_api_key_env: Annotated[
+        str | None,
+        Field(
+            pattern=_ENV_NAME,
+            description="Environment variable with a key sent upstream as `Authorization: Bearer`.",
+        ),
+    ] = None
+
+    def __post_init__(self) -> None:
         if not self.keys and self.keys_env is None and self.keys_file is None:
             raise ValueError("auth needs at least one key source: keys, keys_env or keys_file")
         if self.tenant_header is not None and not self.allow_anonymous:
@@ -204,7 +217,6 @@ class AuthConfig(BaseModel):
                 "tenant_header applies only to requests without a key: set allow_anonymous: true"
             )
         merge_keys({}, self.keys, "keys")
-        return self
 
 
 def merge_keys(
@@ -230,16 +242,27 @@ def parse_key_list(text: str, source: str) -> list[KeyEntry]:
         raise ValueError(f"{source}: not valid YAML") from None
     if document is None:
         return []
+    # Imports pydantic, on this path only: keys_env and keys_file are read where
+    # the policy is built and when keys_file changes, not on every request.
+    from pydantic import ValidationError
+
     try:
-        return _KEY_LIST.validate_python(document)
+        entries: list[KeyEntry] = validate(
+            list[Annotated[KeyEntry, BeforeValidator(_hash_plaintext)]], document
+        )
     except ValidationError as exc:
         problems = []
         for detail in exc.errors(include_url=False, include_input=False, include_context=False):
             where = "".join(
                 f"[{part}]" if isinstance(part, int) else f".{part}" for part in detail["loc"]
             )
-            problems.append(f"{source}{where}: {detail['msg'].removeprefix('Value error, ')}")
+            message = detail["msg"].removeprefix("Value error, ")
+            if detail["type"] == "unexpected_keyword_argument":
+                # A dataclass's wording for it; the YAML has no keyword arguments.
+                message = "Extra inputs are not permitted"
+            problems.append(f"{source}{where}: {message}")
         raise ValueError("; ".join(problems)) from None
+    return entries
 
 
 def _read_key_file(path: str) -> tuple[bytes, list[KeyEntry]]:
@@ -269,7 +292,7 @@ def _file_signature(path: str) -> tuple[int, int, int, int] | None:
 class Auth:
     """Check the client's key, name its tenant, keep both keys away from the upstream."""
 
-    config_model: ClassVar[type[BaseModel]] = AuthConfig
+    config_model: ClassVar[type[Any]] = AuthConfig
 
     def __init__(self, config: AuthConfig, context: PolicyContext) -> None:
         self.clock = context.clock

@@ -49,20 +49,20 @@ same key; when the second is refused the first is given back at once.
 
 from __future__ import annotations
 
+import enum
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Final, Literal
 
 import structlog
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sidecar.chain import Next, PolicyContext, register
-from sidecar.config import Duration
 from sidecar.errors import SidecarError, StreamInterrupted
 from sidecar.exchange import Exchange, Reply
+from sidecar.knobs import STRICT, Duration, Field
 from sidecar.replies import StreamEnd, watch_stream
 from sidecar.routes import GENERATION_ROUTES
 from sidecar.stores import StoreUnavailable
@@ -83,64 +83,101 @@ def _log() -> Any:
     return structlog.get_logger("sidecar.budget")
 
 
-class TenantBudget(BaseModel):
+class _Unset(enum.Enum):
+    """A sentinel: null already means "no limit", so a limit left out needs a value of its own.
+
+    An enum member, so it stays itself through the pickle that brings the
+    validated config from the child process (sidecar/isolated_config.py).
+    """
+
+    INHERITED = "inherited"
+
+
+# A TenantBudget limit left out of the YAML: the policy's own limit applies.
+INHERITED: Final[Any] = _Unset.INHERITED
+
+
+def _inherited() -> Any:
+    # A factory, not a default: pydantic would try to write a default into the JSON schema.
+    return INHERITED
+
+
+@dataclass(frozen=True, kw_only=True)
+class TenantBudget:
     """One tenant's limits; a field left out inherits the policy's, null means no limit."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    __pydantic_config__ = STRICT
 
-    tokens: int | None = Field(
-        None, ge=0, le=10**15, description="Tokens per period for this tenant; null: no limit."
-    )
-    cost: float | None = Field(
-        None, ge=0, le=1e15, description="Cost per period for this tenant; null: no limit."
-    )
+    tokens: Annotated[
+        int | None,
+        Field(ge=0, le=10**15, description="Tokens per period for this tenant; null: no limit."),
+    ] = field(default_factory=_inherited)
+    cost: Annotated[
+        float | None,
+        Field(ge=0, le=1e15, description="Cost per period for this tenant; null: no limit."),
+    ] = field(default_factory=_inherited)
 
 
-class BudgetConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+@dataclass(frozen=True, kw_only=True)
+class BudgetConfig:
+    __pydantic_config__ = STRICT
 
-    period: Literal["day", "month", "fixed"] = Field(
-        "month", description="Budget period: UTC calendar day or month, or fixed `window`s."
-    )
-    window: Duration | None = Field(
-        None,
-        ge=1,
-        le=366 * 86400,
-        description="With period: fixed, the window length (1h, 7d as 168h), from the Unix epoch.",
-    )
-    tokens: int | None = Field(
-        None, ge=0, le=10**15, description="Tokens (prompt + completion) per tenant per period."
-    )
-    cost: float | None = Field(
-        None, ge=0, le=1e15, description="Cost (metering's prices) per tenant per period."
-    )
-    tenants: dict[str, TenantBudget] = Field(
-        default_factory=dict,
-        description="Per-tenant limits, by tenant name; auth's budget_tokens/budget_cost win.",
-    )
-    default_max_tokens: int = Field(
-        1024,
-        ge=0,
-        le=10_000_000,
-        description="Completion tokens reserved when the request names no max_tokens.",
-    )
-    reserve_cost: float = Field(
-        0.0, ge=0, le=1e9, description="Cost reserved per request at admission (then reconciled)."
-    )
-    on_store_error: Literal["allow", "deny"] = Field(
-        "allow", description="Store down: let requests through (logged, counted) or answer 503."
-    )
-    max_tenants: int = Field(
-        100, ge=1, le=100_000, description="Distinct tenant metric labels; more count as 'other'."
-    )
+    period: Annotated[
+        Literal["day", "month", "fixed"],
+        Field(description="Budget period: UTC calendar day or month, or fixed `window`s."),
+    ] = "month"
+    window: Annotated[
+        Duration | None,
+        Field(
+            ge=1,
+            le=366 * 86400,
+            description="With period: fixed, the window length (1h, 7d as 168h), from the Unix epoch.",
+        ),
+    ] = None
+    tokens: Annotated[
+        int | None,
+        Field(ge=0, le=10**15, description="Tokens (prompt + completion) per tenant per period."),
+    ] = None
+    cost: Annotated[
+        float | None,
+        Field(ge=0, le=1e15, description="Cost (metering's prices) per tenant per period."),
+    ] = None
+    tenants: Annotated[
+        dict[str, TenantBudget],
+        Field(
+            description="Per-tenant limits, by tenant name; auth's budget_tokens/budget_cost win.",
+        ),
+    ] = field(default_factory=dict)
+    default_max_tokens: Annotated[
+        int,
+        Field(
+            ge=0,
+            le=10_000_000,
+            description="Completion tokens reserved when the request names no max_tokens.",
+        ),
+    ] = 1024
+    reserve_cost: Annotated[
+        float,
+        Field(
+            ge=0, le=1e9, description="Cost reserved per request at admission (then reconciled)."
+        ),
+    ] = 0.0
+    on_store_error: Annotated[
+        Literal["allow", "deny"],
+        Field(description="Store down: let requests through (logged, counted) or answer 503."),
+    ] = "allow"
+    max_tenants: Annotated[
+        int,
+        Field(
+            ge=1, le=100_000, description="Distinct tenant metric labels; more count as 'other'."
+        ),
+    ] = 100
 
-    @model_validator(mode="after")
-    def _window_with_fixed(self) -> BudgetConfig:
+    def __post_init__(self) -> None:
         if self.period == "fixed" and self.window is None:
             raise ValueError("period: fixed needs a window (e.g. window: 1h)")
         if self.period != "fixed" and self.window is not None:
             raise ValueError("window applies only to period: fixed")
-        return self
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,7 +302,7 @@ class _Held:
 class Budget:
     """Refuses a tenant whose period budget is spent; reconciles reservations with metering."""
 
-    config_model: ClassVar[type[BaseModel]] = BudgetConfig
+    config_model: ClassVar[type[Any]] = BudgetConfig
 
     def __init__(self, config: BudgetConfig, context: PolicyContext) -> None:
         self.config = config
@@ -308,9 +345,9 @@ class Budget:
         cost: float | None = self.config.cost
         entry = self.config.tenants.get(tenant)
         if entry is not None:
-            if "tokens" in entry.model_fields_set:
+            if entry.tokens is not INHERITED:
                 tokens = None if entry.tokens is None else float(entry.tokens)
-            if "cost" in entry.model_fields_set:
+            if entry.cost is not INHERITED:
                 cost = entry.cost
         if overrides:
             for name in ("budget_tokens", "budget_cost"):

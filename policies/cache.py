@@ -87,22 +87,22 @@ import secrets
 import time
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, Awaitable
+from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 from urllib.parse import unquote, urlsplit
 
 import orjson
 import structlog
 from multidict import CIMultiDict
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 if TYPE_CHECKING:
     from aiocache.base import BaseCache
 
 from sidecar.chain import Next, PolicyContext, register
-from sidecar.config import ByteSize, Duration
 from sidecar.errors import SidecarError, StreamInterrupted
 from sidecar.exchange import Exchange, Reply, StreamFormat
+from sidecar.knobs import STRICT, AfterValidator, ByteSize, Duration, Field
 
 # Routes whose answers may be cached; embeddings are deterministic by nature.
 CACHEABLE_ROUTES = (
@@ -156,78 +156,102 @@ def _log() -> Any:
     return structlog.get_logger("sidecar.cache")
 
 
-class CacheConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+def _known_routes(value: tuple[str, ...]) -> tuple[str, ...]:
+    unknown = sorted(set(value) - set(CACHEABLE_ROUTES))
+    if unknown:
+        raise ValueError(
+            f"route(s) {', '.join(unknown)} cannot be cached; "
+            f"cacheable routes are: {', '.join(CACHEABLE_ROUTES)}"
+        )
+    return value
 
-    ttl: Duration = Field(
-        600.0, gt=0, le=30 * 24 * 3600, description="How long an answer is kept (e.g. 10m)."
-    )
-    scope: Literal["tenant", "global"] = Field(
-        "tenant", description="tenant: each tenant has its own entries; global: all share them."
-    )
-    cache_nondeterministic: bool = Field(
-        False,
-        description="Also cache generations without temperature 0 or a seed (replays one sample).",
-    )
-    max_entry_bytes: ByteSize = Field(
-        1024 * 1024,
-        ge=1,
-        le=256 * 1024 * 1024,
-        description="Largest answer that is stored; bigger ones are relayed but not kept.",
-    )
-    max_bytes: ByteSize = Field(
-        256 * 1024 * 1024,
-        ge=1,
-        le=64 * 1024**3,
-        description="Memory backend: total size of all entries; the oldest are evicted beyond it.",
-    )
-    single_flight: bool = Field(
-        True, description="Identical requests in flight wait for (or join the stream of) the first."
-    )
-    complete_on_disconnect: bool = Field(
-        False,
-        description="When every client of an upstream call has gone, let it finish and store it.",
-    )
-    routes: tuple[str, ...] = Field(
-        DEFAULT_ROUTES, min_length=1, description="Routes whose answers may be cached."
-    )
-    replay_pace: Duration | None = Field(
-        None,
-        gt=0,
-        le=10,
-        description="Pause between a replayed stream's events (e.g. 20ms); null: as fast as possible.",
-    )
 
-    cross_pod: bool = Field(
-        True,
-        description="Redis: single-flight across pods with a short lock per key (ignored on memory).",
-    )
-    lock_ttl: Duration = Field(
-        30.0, gt=0, le=600, description="Redis: longest a pod holds a key's lock (e.g. 30s)."
-    )
-    lock_wait: Duration = Field(
-        10.0,
-        gt=0,
-        le=600,
-        description="Redis: longest a pod waits for another pod's entry before going upstream.",
-    )
-    lock_poll: Duration = Field(
-        0.02,
-        ge=0.001,
-        le=5,
-        description="Redis: how often a waiting pod looks for the other pod's entry (e.g. 20ms).",
-    )
+@dataclass(frozen=True, kw_only=True)
+class CacheConfig:
+    __pydantic_config__ = STRICT
 
-    @field_validator("routes")
-    @classmethod
-    def _known_routes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        unknown = sorted(set(value) - set(CACHEABLE_ROUTES))
-        if unknown:
-            raise ValueError(
-                f"route(s) {', '.join(unknown)} cannot be cached; "
-                f"cacheable routes are: {', '.join(CACHEABLE_ROUTES)}"
-            )
-        return value
+    ttl: Annotated[
+        Duration,
+        Field(gt=0, le=30 * 24 * 3600, description="How long an answer is kept (e.g. 10m)."),
+    ] = 600.0
+    scope: Annotated[
+        Literal["tenant", "global"],
+        Field(description="tenant: each tenant has its own entries; global: all share them."),
+    ] = "tenant"
+    cache_nondeterministic: Annotated[
+        bool,
+        Field(
+            description="Also cache generations without temperature 0 or a seed (replays one sample).",
+        ),
+    ] = False
+    max_entry_bytes: Annotated[
+        ByteSize,
+        Field(
+            ge=1,
+            le=256 * 1024 * 1024,
+            description="Largest answer that is stored; bigger ones are relayed but not kept.",
+        ),
+    ] = 1024 * 1024
+    max_bytes: Annotated[
+        ByteSize,
+        Field(
+            ge=1,
+            le=64 * 1024**3,
+            description="Memory backend: total size of all entries; the oldest are evicted beyond it.",
+        ),
+    ] = 256 * 1024 * 1024
+    single_flight: Annotated[
+        bool,
+        Field(
+            description="Identical requests in flight wait for (or join the stream of) the first."
+        ),
+    ] = True
+    complete_on_disconnect: Annotated[
+        bool,
+        Field(
+            description="When every client of an upstream call has gone, let it finish and store it.",
+        ),
+    ] = False
+    routes: Annotated[
+        tuple[str, ...],
+        AfterValidator(_known_routes),
+        Field(min_length=1, description="Routes whose answers may be cached."),
+    ] = DEFAULT_ROUTES
+    replay_pace: Annotated[
+        Duration | None,
+        Field(
+            gt=0,
+            le=10,
+            description="Pause between a replayed stream's events (e.g. 20ms); null: as fast as possible.",
+        ),
+    ] = None
+
+    cross_pod: Annotated[
+        bool,
+        Field(
+            description="Redis: single-flight across pods with a short lock per key (ignored on memory).",
+        ),
+    ] = True
+    lock_ttl: Annotated[
+        Duration,
+        Field(gt=0, le=600, description="Redis: longest a pod holds a key's lock (e.g. 30s)."),
+    ] = 30.0
+    lock_wait: Annotated[
+        Duration,
+        Field(
+            gt=0,
+            le=600,
+            description="Redis: longest a pod waits for another pod's entry before going upstream.",
+        ),
+    ] = 10.0
+    lock_poll: Annotated[
+        Duration,
+        Field(
+            ge=0.001,
+            le=5,
+            description="Redis: how often a waiting pod looks for the other pod's entry (e.g. 20ms).",
+        ),
+    ] = 0.02
 
 
 # ---------------------------------------------------------------------------
@@ -440,7 +464,7 @@ class FanOutChunks(AsyncGenerator[bytes, None]):
 class ResponseCache:
     """Answers repeated deterministic requests from storage and merges identical ones in flight."""
 
-    config_model: ClassVar[type[BaseModel]] = CacheConfig
+    config_model: ClassVar[type[Any]] = CacheConfig
 
     def __init__(self, config: CacheConfig, context: PolicyContext) -> None:
         self.config = config

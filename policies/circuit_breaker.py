@@ -26,16 +26,16 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Callable, Hashable
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar
 
 import structlog
 from prometheus_client import Gauge
-from pydantic import BaseModel, ConfigDict, Field
 
 from sidecar.chain import Next, PolicyContext, register
-from sidecar.config import Duration
 from sidecar.errors import SidecarError, StreamInterrupted
 from sidecar.exchange import Exchange, Reply
+from sidecar.knobs import STRICT, Duration, Field
 from sidecar.lean_metrics import LeanCounter
 from sidecar.outcomes import upstream_failure
 from sidecar.replies import StreamEnd, watch_stream
@@ -62,48 +62,61 @@ DEFAULT_UPSTREAM = "default"
 _OWNERS: weakref.WeakKeyDictionary[Gauge, dict[str, CircuitBreaker]] = weakref.WeakKeyDictionary()
 
 
-class CircuitBreakerConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+@dataclass(frozen=True, kw_only=True)
+class CircuitBreakerConfig:
+    __pydantic_config__ = STRICT
 
-    failure_threshold: int = Field(
-        5, ge=1, le=10_000, description="Upstream failures in a row that open the breaker."
-    )
-    failure_rate: float | None = Field(
-        0.5,
-        gt=0,
-        le=1,
-        description="Share of failures within `window` that opens the breaker; null: no rate rule.",
-    )
-    min_requests: int = Field(
-        20,
-        ge=1,
-        le=1_000_000,
-        description="Requests `window` must hold before the rate rule may open the breaker.",
-    )
-    window: Duration = Field(
-        30.0, ge=1, le=3600, description="Sliding window the failure rate is measured over."
-    )
-    open_for: Duration = Field(
-        30.0,
-        ge=0.001,
-        le=3600,
-        description="How long an open breaker answers 503 before it lets probes through.",
-    )
-    half_open_probes: int = Field(
-        1,
-        ge=1,
-        le=1000,
-        description="Requests let through at once when half-open; all must succeed to close it.",
-    )
-    per_model: bool = Field(
-        False, description="One breaker per upstream and model, rather than per upstream."
-    )
-    max_breakers: int = Field(
-        1000,
-        ge=1,
-        le=100_000,
-        description="Most breakers kept (per_model); closed, idle ones are evicted beyond it.",
-    )
+    failure_threshold: Annotated[
+        int,
+        Field(ge=1, le=10_000, description="Upstream failures in a row that open the breaker."),
+    ] = 5
+    failure_rate: Annotated[
+        float | None,
+        Field(
+            gt=0,
+            le=1,
+            description="Share of failures within `window` that opens the breaker; null: no rate rule.",
+        ),
+    ] = 0.5
+    min_requests: Annotated[
+        int,
+        Field(
+            ge=1,
+            le=1_000_000,
+            description="Requests `window` must hold before the rate rule may open the breaker.",
+        ),
+    ] = 20
+    window: Annotated[
+        Duration,
+        Field(ge=1, le=3600, description="Sliding window the failure rate is measured over."),
+    ] = 30.0
+    open_for: Annotated[
+        Duration,
+        Field(
+            ge=0.001,
+            le=3600,
+            description="How long an open breaker answers 503 before it lets probes through.",
+        ),
+    ] = 30.0
+    half_open_probes: Annotated[
+        int,
+        Field(
+            ge=1,
+            le=1000,
+            description="Requests let through at once when half-open; all must succeed to close it.",
+        ),
+    ] = 1
+    per_model: Annotated[
+        bool, Field(description="One breaker per upstream and model, rather than per upstream.")
+    ] = False
+    max_breakers: Annotated[
+        int,
+        Field(
+            ge=1,
+            le=100_000,
+            description="Most breakers kept (per_model); closed, idle ones are evicted beyond it.",
+        ),
+    ] = 1000
 
 
 class _Window:
@@ -324,7 +337,7 @@ class _Breaker:
 class CircuitBreaker:
     """Answer 503 `circuit_open` for an upstream that keeps failing, instead of asking it."""
 
-    config_model: ClassVar[type[BaseModel]] = CircuitBreakerConfig
+    config_model: ClassVar[type[Any]] = CircuitBreakerConfig
 
     def __init__(self, config: CircuitBreakerConfig, context: PolicyContext) -> None:
         self.config = config

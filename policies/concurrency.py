@@ -25,14 +25,13 @@ from __future__ import annotations
 import asyncio
 import math
 from collections import deque
-from typing import Any, ClassVar, Literal
-
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar, Literal
 
 from sidecar.chain import Next, PolicyContext, register
-from sidecar.config import Duration
 from sidecar.errors import SidecarError
 from sidecar.exchange import Exchange, Reply
+from sidecar.knobs import STRICT, AfterValidator, Duration, Field
 from sidecar.observability import LATENCY_BUCKETS
 from sidecar.replies import watch_stream
 from sidecar.routes import GENERATION_ROUTES, ROUTE_NAMES
@@ -50,48 +49,62 @@ SERVICE_TIME_WEIGHT = 0.2
 MAX_TRACKED_MODELS = 256
 
 
-class ConcurrencyConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+def _known_routes(value: tuple[str, ...]) -> tuple[str, ...]:
+    """`routes` as given, if each is a route the sidecar serves: a misspelt one would never wait."""
+    unknown = sorted(set(value) - set(ROUTE_NAMES))
+    if unknown:
+        raise ValueError(
+            f"unknown route(s) {', '.join(unknown)}; routes are: {', '.join(ROUTE_NAMES)}"
+        )
+    return value
 
-    max_in_flight: int = Field(
-        8, ge=1, le=10_000, description="Requests sent to one upstream at once; more wait."
-    )
-    per_model: bool = Field(
-        False, description="Also cap the requests to each model of an upstream (both caps apply)."
-    )
-    max_in_flight_per_model: int = Field(
-        1,
-        ge=1,
-        le=10_000,
-        description="With per_model: requests to one model at once (Ollama's OLLAMA_NUM_PARALLEL).",
-    )
-    max_queue: int = Field(
-        64,
-        ge=0,
-        le=100_000,
-        description="Requests that may wait for a slot per upstream; beyond it they are refused.",
-    )
-    queue_timeout: Duration = Field(
-        30.0, gt=0, le=3600, description="Longest a request waits for a slot before it is refused."
-    )
-    reject_status: Literal[429, 503] = Field(
-        429, description="Status of a refusal: 429 (clients back off and retry) or 503."
-    )
-    routes: tuple[str, ...] = Field(
-        MODEL_ROUTES,
-        min_length=1,
-        description="Routes that take a slot; others (model lists, version) never wait.",
-    )
 
-    @field_validator("routes")
-    @classmethod
-    def _known_routes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        unknown = sorted(set(value) - set(ROUTE_NAMES))
-        if unknown:
-            raise ValueError(
-                f"unknown route(s) {', '.join(unknown)}; routes are: {', '.join(ROUTE_NAMES)}"
-            )
-        return value
+@dataclass(frozen=True, kw_only=True)
+class ConcurrencyConfig:
+    __pydantic_config__ = STRICT
+
+    max_in_flight: Annotated[
+        int,
+        Field(ge=1, le=10_000, description="Requests sent to one upstream at once; more wait."),
+    ] = 8
+    per_model: Annotated[
+        bool,
+        Field(description="Also cap the requests to each model of an upstream (both caps apply)."),
+    ] = False
+    max_in_flight_per_model: Annotated[
+        int,
+        Field(
+            ge=1,
+            le=10_000,
+            description="With per_model: requests to one model at once (Ollama's OLLAMA_NUM_PARALLEL).",
+        ),
+    ] = 1
+    max_queue: Annotated[
+        int,
+        Field(
+            ge=0,
+            le=100_000,
+            description="Requests that may wait for a slot per upstream; beyond it they are refused.",
+        ),
+    ] = 64
+    queue_timeout: Annotated[
+        Duration,
+        Field(
+            gt=0, le=3600, description="Longest a request waits for a slot before it is refused."
+        ),
+    ] = 30.0
+    reject_status: Annotated[
+        Literal[429, 503],
+        Field(description="Status of a refusal: 429 (clients back off and retry) or 503."),
+    ] = 429
+    routes: Annotated[
+        tuple[str, ...],
+        Field(
+            min_length=1,
+            description="Routes that take a slot; others (model lists, version) never wait.",
+        ),
+        AfterValidator(_known_routes),
+    ] = MODEL_ROUTES
 
 
 class _ModelGate:
@@ -147,7 +160,7 @@ class Concurrency:
     increment: no future, no timer, no task.
     """
 
-    config_model: ClassVar[type[BaseModel]] = ConcurrencyConfig
+    config_model: ClassVar[type[Any]] = ConcurrencyConfig
 
     def __init__(self, config: ConcurrencyConfig, context: PolicyContext) -> None:
         self.config = config

@@ -11,27 +11,35 @@ import itertools
 import os
 import re
 from collections.abc import Awaitable
-from typing import ClassVar
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field
 from structlog.contextvars import bind_contextvars
 
 from sidecar.chain import Next, PolicyContext, register
 from sidecar.exchange import Exchange, Reply
+from sidecar.knobs import STRICT, Field
 
 
-class CorrelationConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+@dataclass(frozen=True, kw_only=True)
+class CorrelationConfig:
+    __pydantic_config__ = STRICT
 
-    header: str = Field(
-        "X-Request-ID",
-        min_length=1,
-        max_length=64,
-        pattern=r"^[A-Za-z0-9-]+$",
-        description="Header that carries the request id in and out.",
+    header: Annotated[
+        str,
+        Field(
+            min_length=1,
+            max_length=64,
+            pattern=r"^[A-Za-z0-9-]+$",
+            description="Header that carries the request id in and out.",
+        ),
+    ] = "X-Request-ID"
+    trust_incoming: Annotated[bool, Field(description="Keep a well-formed id the client sent.")] = (
+        True
     )
-    trust_incoming: bool = Field(True, description="Keep a well-formed id the client sent.")
-    max_length: int = Field(128, ge=8, le=1024, description="Longest client id kept as is.")
+    max_length: Annotated[
+        int, Field(ge=8, le=1024, description="Longest client id kept as is.")
+    ] = 128
 
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:/+=@-]+$")
@@ -59,7 +67,7 @@ _REQUEST_IDS = RequestIds()
 class Correlation:
     """Accept or make the request id, send it upstream, echo it, bind it to every log line."""
 
-    config_model: ClassVar[type[BaseModel]] = CorrelationConfig
+    config_model: ClassVar[type[Any]] = CorrelationConfig
 
     def __init__(self, config: CorrelationConfig, context: PolicyContext) -> None:
         self.header = config.header

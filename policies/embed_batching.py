@@ -62,17 +62,16 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, TypeGuard
+from typing import Annotated, Any, ClassVar, Literal, TypeGuard
 
 import orjson
 import structlog
 from multidict import CIMultiDict
-from pydantic import BaseModel, ConfigDict, Field
 
 from sidecar.chain import Next, PolicyContext, register
-from sidecar.config import Duration
 from sidecar.errors import SidecarError
 from sidecar.exchange import Exchange, Reply
+from sidecar.knobs import STRICT, Duration, Field
 
 EmbedRoute = Literal["/v1/embeddings", "/api/embed"]
 EMBED_ROUTES: tuple[EmbedRoute, ...] = ("/v1/embeddings", "/api/embed")
@@ -84,26 +83,33 @@ def _log() -> Any:
     return structlog.get_logger("sidecar.embed_batching")
 
 
-class EmbedBatchingConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+@dataclass(frozen=True, kw_only=True)
+class EmbedBatchingConfig:
+    __pydantic_config__ = STRICT
 
-    window: Duration = Field(
-        0.002,
-        gt=0,
-        le=1.0,
-        description="Longest a single-input request waits for others to share its upstream call.",
-    )
-    max_batch: int = Field(
-        32,
-        ge=2,
-        le=1024,
-        description="Most requests merged into one upstream call; a full batch is sent at once.",
-    )
-    routes: tuple[EmbedRoute, ...] = Field(
-        EMBED_ROUTES,
-        min_length=1,
-        description="Embedding routes whose requests are batched: /v1/embeddings, /api/embed.",
-    )
+    window: Annotated[
+        Duration,
+        Field(
+            gt=0,
+            le=1.0,
+            description="Longest a single-input request waits for others to share its upstream call.",
+        ),
+    ] = 0.002
+    max_batch: Annotated[
+        int,
+        Field(
+            ge=2,
+            le=1024,
+            description="Most requests merged into one upstream call; a full batch is sent at once.",
+        ),
+    ] = 32
+    routes: Annotated[
+        tuple[EmbedRoute, ...],
+        Field(
+            min_length=1,
+            description="Embedding routes whose requests are batched: /v1/embeddings, /api/embed.",
+        ),
+    ] = EMBED_ROUTES
 
 
 @dataclass(slots=True, eq=False)
@@ -134,7 +140,7 @@ class _Batch:
 class EmbedBatching:
     """Merges concurrent single-input embedding requests into one upstream call each window."""
 
-    config_model: ClassVar[type[BaseModel]] = EmbedBatchingConfig
+    config_model: ClassVar[type[Any]] = EmbedBatchingConfig
 
     def __init__(self, config: EmbedBatchingConfig, context: PolicyContext) -> None:
         self.config = config

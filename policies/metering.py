@@ -52,17 +52,16 @@ upstream call of each miss and never hears of the hits.
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Callable
-from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from dataclasses import dataclass, field
+from typing import Annotated, Any, ClassVar, Protocol
 
 import orjson
 import structlog
-from pydantic import BaseModel, ConfigDict, Field
 
 from sidecar.chain import Next, PolicyContext, register
-from sidecar.config import ByteSize
 from sidecar.errors import StreamInterrupted
 from sidecar.exchange import Exchange, Reply
+from sidecar.knobs import STRICT, ByteSize, Field
 from sidecar.ledger import UsageLedger, UsageRecord
 from sidecar.replies import StreamEnd, WatchedChunks
 from sidecar.routes import GENERATION_ROUTES
@@ -83,39 +82,49 @@ def _log() -> Any:
     return structlog.get_logger("sidecar.metering")
 
 
-class Price(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+@dataclass(frozen=True, kw_only=True)
+class Price:
+    __pydantic_config__ = STRICT
 
-    prompt: float = Field(0.0, ge=0, description="Price of 1M prompt tokens.")
-    completion: float = Field(0.0, ge=0, description="Price of 1M completion tokens.")
+    prompt: Annotated[float, Field(ge=0, description="Price of 1M prompt tokens.")] = 0.0
+    completion: Annotated[float, Field(ge=0, description="Price of 1M completion tokens.")] = 0.0
 
 
-class MeteringConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+@dataclass(frozen=True, kw_only=True)
+class MeteringConfig:
+    __pydantic_config__ = STRICT
 
-    prices: dict[str, Price] = Field(
-        default_factory=dict,
-        description="Price per 1M tokens by model (with or without :latest); unlisted models cost 0.",
-    )
-    tokenizer: Encoding = Field(
-        "llama3", description="Encoding for estimates when the upstream gives no usage."
-    )
-    stream_usage: bool = Field(
-        True,
-        description="Ask /v1 chat/completions streams for usage (hidden again from clients that did not).",
-    )
-    max_tenants: int = Field(
-        100, ge=1, le=100_000, description="Distinct tenant labels; more are counted as 'other'."
-    )
-    max_models: int = Field(
-        50, ge=1, le=100_000, description="Distinct model labels; more are counted as 'other'."
-    )
-    estimate_buffer: ByteSize = Field(
-        1024 * 1024,
-        ge=0,
-        le=64 * 1024 * 1024,
-        description="Stream bytes kept per request for an estimate; beyond it the count is scaled.",
-    )
+    prices: Annotated[
+        dict[str, Price],
+        Field(
+            description="Price per 1M tokens by model (with or without :latest); unlisted models cost 0.",
+        ),
+    ] = field(default_factory=dict)
+    tokenizer: Annotated[
+        Encoding, Field(description="Encoding for estimates when the upstream gives no usage.")
+    ] = "llama3"
+    stream_usage: Annotated[
+        bool,
+        Field(
+            description="Ask /v1 chat/completions streams for usage (hidden again from clients that did not).",
+        ),
+    ] = True
+    max_tenants: Annotated[
+        int,
+        Field(ge=1, le=100_000, description="Distinct tenant labels; more are counted as 'other'."),
+    ] = 100
+    max_models: Annotated[
+        int,
+        Field(ge=1, le=100_000, description="Distinct model labels; more are counted as 'other'."),
+    ] = 50
+    estimate_buffer: Annotated[
+        ByteSize,
+        Field(
+            ge=0,
+            le=64 * 1024 * 1024,
+            description="Stream bytes kept per request for an estimate; beyond it the count is scaled.",
+        ),
+    ] = 1024 * 1024
 
 
 class UsageStore(Protocol):
@@ -503,7 +512,7 @@ def _price_key(model: str) -> str:
 class Metering:
     """Counts each generation's tokens and cost, by tenant and model."""
 
-    config_model: ClassVar[type[BaseModel]] = MeteringConfig
+    config_model: ClassVar[type[Any]] = MeteringConfig
 
     def __init__(
         self, config: MeteringConfig, context: PolicyContext, store: UsageStore | None = None

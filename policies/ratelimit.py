@@ -41,14 +41,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any, ClassVar, Literal
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar, Literal
 
 import structlog
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from sidecar.chain import Next, PolicyContext, register
 from sidecar.errors import SidecarError
 from sidecar.exchange import Exchange, Reply
+from sidecar.knobs import STRICT, AfterValidator, Field
 from sidecar.replies import StreamEnd, watch_stream
 from sidecar.routes import GENERATION_ROUTES, ROUTE_NAMES
 from sidecar.stores import StoreUnavailable, TakeResult
@@ -66,62 +67,76 @@ def _log() -> Any:
     return structlog.get_logger("sidecar.ratelimit")
 
 
-class RateLimitConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+def _known_routes(value: tuple[str, ...]) -> tuple[str, ...]:
+    """Route names checked at start: a misspelt one would silently never be limited."""
+    unknown = sorted(set(value) - set(ROUTE_NAMES))
+    if unknown:
+        raise ValueError(
+            f"unknown route(s) {', '.join(unknown)}; routes are: {', '.join(ROUTE_NAMES)}"
+        )
+    return value
 
-    per: Per = Field(
-        "tenant",
-        description="What one bucket counts: a tenant, a model, a tenant+model pair, or everything.",
-    )
-    requests_per_minute: float | None = Field(
-        None, gt=0, le=_MAX_RATE, description="Requests per minute per key; null: no request limit."
-    )
-    tokens_per_minute: float | None = Field(
-        None, gt=0, le=_MAX_RATE, description="Tokens per minute per key; null: no token limit."
-    )
-    burst_requests: float | None = Field(
-        None,
-        ge=1,
-        le=_MAX_RATE,
-        description="Requests a key may make at once; null: one minute's worth.",
-    )
-    burst_tokens: float | None = Field(
-        None,
-        ge=1,
-        le=_MAX_RATE,
-        description="Tokens a key may use at once; null: one minute's worth.",
-    )
-    default_completion_tokens: int = Field(
-        256,
-        ge=0,
-        le=10_000_000,
-        description="Completion tokens reserved when the request names no max_tokens/num_predict.",
-    )
-    on_store_error: Literal["allow", "deny"] = Field(
-        "allow", description="Store down: let requests through (logged, counted) or answer 503."
-    )
-    headers: bool = Field(
-        True, description="Send the x-ratelimit-* headers on successful answers too."
-    )
-    routes: tuple[str, ...] = Field(
-        MODEL_ROUTES, min_length=1, description="Routes that count against the limits."
-    )
 
-    @field_validator("routes")
-    @classmethod
-    def _known_routes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        unknown = sorted(set(value) - set(ROUTE_NAMES))
-        if unknown:
-            raise ValueError(
-                f"unknown route(s) {', '.join(unknown)}; routes are: {', '.join(ROUTE_NAMES)}"
-            )
-        return value
+@dataclass(frozen=True, kw_only=True)
+class RateLimitConfig:
+    __pydantic_config__ = STRICT
 
-    @model_validator(mode="after")
-    def _some_limit(self) -> RateLimitConfig:
+    per: Annotated[
+        Per,
+        Field(
+            description="What one bucket counts: a tenant, a model, a tenant+model pair, or everything."
+        ),
+    ] = "tenant"
+    requests_per_minute: Annotated[
+        float | None,
+        Field(
+            gt=0, le=_MAX_RATE, description="Requests per minute per key; null: no request limit."
+        ),
+    ] = None
+    tokens_per_minute: Annotated[
+        float | None,
+        Field(gt=0, le=_MAX_RATE, description="Tokens per minute per key; null: no token limit."),
+    ] = None
+    burst_requests: Annotated[
+        float | None,
+        Field(
+            ge=1,
+            le=_MAX_RATE,
+            description="Requests a key may make at once; null: one minute's worth.",
+        ),
+    ] = None
+    burst_tokens: Annotated[
+        float | None,
+        Field(
+            ge=1,
+            le=_MAX_RATE,
+            description="Tokens a key may use at once; null: one minute's worth.",
+        ),
+    ] = None
+    default_completion_tokens: Annotated[
+        int,
+        Field(
+            ge=0,
+            le=10_000_000,
+            description="Completion tokens reserved when the request names no max_tokens/num_predict.",
+        ),
+    ] = 256
+    on_store_error: Annotated[
+        Literal["allow", "deny"],
+        Field(description="Store down: let requests through (logged, counted) or answer 503."),
+    ] = "allow"
+    headers: Annotated[
+        bool, Field(description="Send the x-ratelimit-* headers on successful answers too.")
+    ] = True
+    routes: Annotated[
+        tuple[str, ...],
+        Field(min_length=1, description="Routes that count against the limits."),
+        AfterValidator(_known_routes),
+    ] = MODEL_ROUTES
+
+    def __post_init__(self) -> None:
         if self.requests_per_minute is None and self.tokens_per_minute is None:
             raise ValueError("set requests_per_minute, tokens_per_minute or both")
-        return self
 
 
 def go_duration(seconds: float) -> str:
@@ -201,7 +216,7 @@ class RateLimit:
     tenant's overrides) are worked out once, not per request.
     """
 
-    config_model: ClassVar[type[BaseModel]] = RateLimitConfig
+    config_model: ClassVar[type[Any]] = RateLimitConfig
 
     def __init__(self, config: RateLimitConfig, context: PolicyContext) -> None:
         self.config = config

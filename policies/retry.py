@@ -32,16 +32,15 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Callable, Generator
 from dataclasses import dataclass
-from typing import Any, ClassVar, Self
+from typing import Annotated, Any, ClassVar
 
 import backoff
 import structlog
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sidecar.chain import Next, PolicyContext, register
-from sidecar.config import Duration
 from sidecar.errors import StreamInterrupted, UpstreamError
 from sidecar.exchange import Exchange, Reply
+from sidecar.knobs import STRICT, Duration, Field
 from sidecar.outcomes import retry_after_seconds, upstream_failure
 from sidecar.replies import peek_first_chunk
 
@@ -61,56 +60,67 @@ SHOULD_RETRY_HEADER = "x-should-retry"
 _ATTEMPT_TEXT = tuple(str(number) for number in range(11))
 
 
-class RetryConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+@dataclass(frozen=True, kw_only=True)
+class RetryConfig:
+    __pydantic_config__ = STRICT
 
-    attempts: int = Field(
-        3, ge=1, le=10, description="Total tries including the first; 1 turns retries off."
-    )
-    base: Duration = Field(
-        0.2,
-        gt=0,
-        le=60,
-        description="Backoff ceiling before the first retry; it doubles on each retry.",
-    )
-    max_delay: Duration = Field(
-        5.0, gt=0, le=300, description="Largest backoff ceiling; the wait is random below it."
-    )
-    budget: Duration = Field(
-        30.0,
-        gt=0,
-        le=3600,
-        description="No retry whose wait would end later than this after the first try began.",
-    )
-    max_retry_after: Duration = Field(
-        30.0,
-        ge=0,
-        le=3600,
-        description="Longest upstream Retry-After waited for; a longer one goes to the client.",
-    )
-    budget_ratio: float = Field(
-        0.2,
-        ge=0,
-        le=1,
-        description="Retries allowed as a share of the requests in the last budget_window.",
-    )
-    budget_min_retries: int = Field(
-        3,
-        ge=0,
-        le=100_000,
-        description="Retries allowed per budget_window on top of the ratio, for quiet times.",
-    )
-    budget_window: Duration = Field(
-        10.0, gt=0, le=3600, description="Sliding window over which the retry budget counts."
-    )
+    attempts: Annotated[
+        int, Field(ge=1, le=10, description="Total tries including the first; 1 turns retries off.")
+    ] = 3
+    base: Annotated[
+        Duration,
+        Field(
+            gt=0,
+            le=60,
+            description="Backoff ceiling before the first retry; it doubles on each retry.",
+        ),
+    ] = 0.2
+    max_delay: Annotated[
+        Duration,
+        Field(gt=0, le=300, description="Largest backoff ceiling; the wait is random below it."),
+    ] = 5.0
+    budget: Annotated[
+        Duration,
+        Field(
+            gt=0,
+            le=3600,
+            description="No retry whose wait would end later than this after the first try began.",
+        ),
+    ] = 30.0
+    max_retry_after: Annotated[
+        Duration,
+        Field(
+            ge=0,
+            le=3600,
+            description="Longest upstream Retry-After waited for; a longer one goes to the client.",
+        ),
+    ] = 30.0
+    budget_ratio: Annotated[
+        float,
+        Field(
+            ge=0,
+            le=1,
+            description="Retries allowed as a share of the requests in the last budget_window.",
+        ),
+    ] = 0.2
+    budget_min_retries: Annotated[
+        int,
+        Field(
+            ge=0,
+            le=100_000,
+            description="Retries allowed per budget_window on top of the ratio, for quiet times.",
+        ),
+    ] = 3
+    budget_window: Annotated[
+        Duration,
+        Field(gt=0, le=3600, description="Sliding window over which the retry budget counts."),
+    ] = 10.0
 
-    @model_validator(mode="after")
-    def _base_within_max_delay(self) -> Self:
+    def __post_init__(self) -> None:
         if self.base > self.max_delay:
             raise ValueError(
                 f"base ({self.base:g}s) is longer than max_delay ({self.max_delay:g}s)"
             )
-        return self
 
 
 class RetryBudget:
@@ -223,7 +233,7 @@ class Retry:
     those rules are in.
     """
 
-    config_model: ClassVar[type[BaseModel]] = RetryConfig
+    config_model: ClassVar[type[Any]] = RetryConfig
 
     def __init__(
         self,

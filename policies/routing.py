@@ -10,18 +10,18 @@ started, the client gets that stream or its explicit error.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from dataclasses import dataclass, field
+from typing import Annotated, Any, ClassVar
 from urllib.parse import quote
 
 import orjson
 import structlog
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sidecar.chain import Next, PolicyContext, register
 from sidecar.config import UpstreamUrl
 from sidecar.errors import SidecarError, StreamInterrupted, UpstreamError
 from sidecar.exchange import Exchange, Reply
+from sidecar.knobs import STRICT, Field
 from sidecar.outcomes import UPSTREAM_FAILURE_STATUSES, is_model_not_found
 from sidecar.replies import discard, peek_first_chunk
 
@@ -32,39 +32,44 @@ _HAND_OVER_CODES = frozenset({"circuit_open", "concurrency_limit"})
 MODEL_ROUTE = "/v1/models/{model}"
 
 
-class UpstreamTarget(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+@dataclass(frozen=True, kw_only=True)
+class UpstreamTarget:
+    __pydantic_config__ = STRICT
 
-    name: str = Field(
-        min_length=1, max_length=64, description="Name in metrics, logs and breakers."
-    )
-    url: UpstreamUrl = Field(description="Base URL of this Ollama (http:// or https://).")
-    priority: int = Field(
-        0, ge=0, le=100, description="Lower is tried first; ties share by weight."
-    )
-    weight: float = Field(
-        1.0, gt=0, le=1000, description="Share of requests among equal priorities."
-    )
+    name: Annotated[
+        str, Field(min_length=1, max_length=64, description="Name in metrics, logs and breakers.")
+    ]
+    url: Annotated[UpstreamUrl, Field(description="Base URL of this Ollama (http:// or https://).")]
+    priority: Annotated[
+        int, Field(ge=0, le=100, description="Lower is tried first; ties share by weight.")
+    ] = 0
+    weight: Annotated[
+        float, Field(gt=0, le=1000, description="Share of requests among equal priorities.")
+    ] = 1.0
 
 
-class RoutingConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+@dataclass(frozen=True, kw_only=True)
+class RoutingConfig:
+    __pydantic_config__ = STRICT
 
-    aliases: dict[str, str] = Field(
-        default_factory=dict, description="Client model name -> model Ollama serves."
-    )
-    fallbacks: dict[str, list[str]] = Field(
-        default_factory=dict,
-        description="Model -> models to try next, in order, before the first byte.",
-    )
-    upstreams: list[UpstreamTarget] = Field(
-        default_factory=list,
-        description="Upstreams by priority; empty: the one in upstream.url, named 'default'.",
-    )
-    list_aliases: bool = Field(True, description="Show aliases as models in GET /v1/models.")
+    aliases: Annotated[
+        dict[str, str], Field(description="Client model name -> model Ollama serves.")
+    ] = field(default_factory=dict)
+    fallbacks: Annotated[
+        dict[str, list[str]],
+        Field(description="Model -> models to try next, in order, before the first byte."),
+    ] = field(default_factory=dict)
+    upstreams: Annotated[
+        list[UpstreamTarget],
+        Field(
+            description="Upstreams by priority; empty: the one in upstream.url, named 'default'."
+        ),
+    ] = field(default_factory=list)
+    list_aliases: Annotated[
+        bool, Field(description="Show aliases as models in GET /v1/models.")
+    ] = True
 
-    @model_validator(mode="after")
-    def _consistent(self) -> RoutingConfig:
+    def __post_init__(self) -> None:
         for alias, target in self.aliases.items():
             seen = [alias]
             while target in self.aliases:
@@ -78,7 +83,6 @@ class RoutingConfig(BaseModel):
         for model, chain in self.fallbacks.items():
             if model in chain:
                 raise ValueError(f"fallbacks for {model!r} name the model itself")
-        return self
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +96,7 @@ class _Candidate:
 class Routing:
     """Rewrites aliased models, then tries (model, upstream) candidates until one answers."""
 
-    config_model: ClassVar[type[BaseModel]] = RoutingConfig
+    config_model: ClassVar[type[Any]] = RoutingConfig
 
     def __init__(self, config: RoutingConfig, context: PolicyContext) -> None:
         self.aliases = {alias: self._resolve(config.aliases, alias) for alias in config.aliases}

@@ -16,14 +16,15 @@ import os
 import time
 import traceback
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar, Literal
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from sidecar.chain import Next, PolicyContext, register
 from sidecar.errors import SidecarError, StreamInterrupted
 from sidecar.exchange import AttemptEnd, AttemptObserver, Exchange, Reply
+from sidecar.knobs import STRICT, AfterValidator, Field
 from sidecar.replies import StreamEnd, WatchedChunks
 
 _OPERATIONS = {
@@ -42,42 +43,50 @@ _OPERATIONS = {
 _ROUTES_KEPT = 256
 
 
-class TracingConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+def _sdk_installed(value: str) -> str:
+    """Spans need the SDK: say so when the config is checked, not with an ImportError at start."""
+    if importlib.util.find_spec("opentelemetry.sdk") is None:
+        raise ValueError(
+            "the tracing policy needs OpenTelemetry: pip install 'ollama-sidecar[otel]'"
+        )
+    return value
 
-    service_name: str = Field(
-        "ollama-sidecar", min_length=1, max_length=128, description="The service.name resource."
-    )
-    exporter: Literal["otlp", "console", "none"] = Field(
-        "otlp",
-        description="Where spans go; otlp reads the standard OTEL_EXPORTER_OTLP_* variables.",
-    )
-    endpoint: str | None = Field(
-        None,
-        description="OTLP/HTTP traces endpoint; null: OTEL_EXPORTER_OTLP_ENDPOINT or the default.",
-    )
-    sample_ratio: float = Field(
-        1.0,
-        ge=0.0,
-        le=1.0,
-        description="Share of new traces kept; a sampled parent is always kept.",
-    )
 
-    @field_validator("exporter")
-    @classmethod
-    def _sdk_installed(cls, value: str) -> str:
-        if importlib.util.find_spec("opentelemetry.sdk") is None:
-            raise ValueError(
-                "the tracing policy needs OpenTelemetry: pip install 'ollama-sidecar[otel]'"
-            )
-        return value
+@dataclass(frozen=True, kw_only=True)
+class TracingConfig:
+    __pydantic_config__ = STRICT
+
+    service_name: Annotated[
+        str, Field(min_length=1, max_length=128, description="The service.name resource.")
+    ] = "ollama-sidecar"
+    exporter: Annotated[
+        Literal["otlp", "console", "none"],
+        AfterValidator(_sdk_installed),
+        Field(
+            description="Where spans go; otlp reads the standard OTEL_EXPORTER_OTLP_* variables."
+        ),
+    ] = "otlp"
+    endpoint: Annotated[
+        str | None,
+        Field(
+            description="OTLP/HTTP traces endpoint; null: OTEL_EXPORTER_OTLP_ENDPOINT or the default."
+        ),
+    ] = None
+    sample_ratio: Annotated[
+        float,
+        Field(
+            ge=0.0,
+            le=1.0,
+            description="Share of new traces kept; a sampled parent is always kept.",
+        ),
+    ] = 1.0
 
 
 @register("tracing")
 class Tracing:
     """Opens the request span, observes each upstream attempt, closes the span at the answer's end."""
 
-    config_model: ClassVar[type[BaseModel]] = TracingConfig
+    config_model: ClassVar[type[Any]] = TracingConfig
 
     def __init__(self, config: TracingConfig, context: PolicyContext) -> None:
         from opentelemetry import baggage, propagate, trace

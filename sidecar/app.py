@@ -8,6 +8,7 @@ Application's router and middleware machinery would be cost without use.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 import time
 from collections.abc import Coroutine
@@ -166,7 +167,7 @@ class Sidecar:
                     reason="the listen address changes only on restart",
                     running=f"{old.settings.listen.host}:{old.settings.listen.port}",
                 )
-                settings = settings.model_copy(update={"listen": old.settings.listen})
+                settings = dataclasses.replace(settings, listen=old.settings.listen)
             try:
                 new = await build_runtime(settings, self.metrics, self.deadlines, previous=old)
             except Exception as exc:

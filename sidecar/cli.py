@@ -7,7 +7,7 @@ import asyncio
 import os
 import signal
 import sys
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
 import orjson
@@ -71,18 +71,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     config_path = args.config or os.environ.get("SIDECAR_CONFIG") or None
 
-    def load() -> Settings:
+    from sidecar.isolated_config import load_settings_isolated, load_settings_isolated_async
+
+    def reload() -> Awaitable[Settings]:
         # The same sources, in the same order, at start and at every reload.
-        return load_settings(config_path, overrides=overrides)
+        return load_settings_isolated_async(config_path, overrides=overrides)
 
     try:
-        settings = load()
+        settings = load_settings_isolated(config_path, overrides=overrides)
     except ConfigError as error:
         for line in error.lines():
             print(f"config error: {line}", file=sys.stderr)
         return 2
     configure_logging(settings.logging.level)
-    return _run(lambda: serve(settings, load, config_path))
+    return _run(lambda: serve(settings, reload, config_path))
 
 
 def check_config(path: str) -> int:
@@ -98,7 +100,9 @@ def check_config(path: str) -> int:
     return 0
 
 
-async def serve(settings: Settings, load: Callable[[], Settings], config_path: str | None) -> int:
+async def serve(
+    settings: Settings, load: Callable[[], Awaitable[Settings]], config_path: str | None
+) -> int:
     """Run until SIGTERM or SIGINT, then drain within shutdown.grace and exit 0.
 
     SIGHUP, or a change of the config file, applies the config anew.

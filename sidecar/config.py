@@ -1,4 +1,4 @@
-"""Settings: YAML and environment into typed, validated, frozen models.
+"""Settings: YAML and environment into typed, validated, frozen dataclasses.
 
 Every knob has a default, a type, bounds and one line of help; every problem is
 reported with its YAML path at once, so `check-config` lists all of them rather
@@ -9,56 +9,23 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
 from urllib.parse import urlsplit
 
-import yaml
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    ValidationError,
-    WithJsonSchema,
-    field_validator,
-)
-
 from sidecar.chain import PolicyFactory, UnknownPolicy, find_policy
-from sidecar.knobs import validate
+from sidecar.knobs import (
+    STRICT,
+    AfterValidator,
+    ByteSize,
+    Check,
+    Duration,
+    Field,
+    WithJsonSchema,
+    validate,
+)
 from sidecar.routes import MANAGEMENT_NAMES, ROUTE_NAMES
-from sidecar.units import parse_duration, parse_size
-
-Duration = Annotated[
-    float,
-    BeforeValidator(parse_duration),
-    WithJsonSchema(
-        {
-            "anyOf": [
-                {"type": "number", "minimum": 0},
-                {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*(ms|s|m|h)?\s*$"},
-            ],
-            "description": "seconds, or 250ms / 2s / 5m / 1h",
-        }
-    ),
-]
-ByteSize = Annotated[
-    int,
-    BeforeValidator(parse_size),
-    WithJsonSchema(
-        {
-            "anyOf": [
-                {"type": "integer", "minimum": 0},
-                {
-                    "type": "string",
-                    "pattern": r"(?i)^\s*\d+(\.\d+)?\s*(b|kb|kib|mb|mib|gb|gib)?\s*$",
-                },
-            ],
-            "description": "bytes, or 512KiB / 32MiB / 1GB",
-        }
-    ),
-]
 
 
 def _upstream_url(value: str) -> str:
@@ -71,164 +38,226 @@ def _upstream_url(value: str) -> str:
     return value.rstrip("/")
 
 
-UpstreamUrl = Annotated[str, AfterValidator(_upstream_url)]
+if TYPE_CHECKING:
+    from pydantic import ValidationError
+
 ManagementName = Literal["pull", "push", "create", "copy", "delete", "blobs"]
 assert set(MANAGEMENT_NAMES) == set(get_args(ManagementName)), "one list, two views"
 
 
-class StrictModel(BaseModel):
-    """Unknown keys are errors: a typo in the YAML must not silently do nothing."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ListenSettings(StrictModel):
-    host: str = Field(
-        "127.0.0.1", description="Address to listen on; 127.0.0.1 keeps it pod-local."
-    )
-    port: int = Field(
-        11435,
-        ge=0,
-        le=65535,
-        description="TCP port the app's base_url points at; 0 picks a free one.",
-    )
+def _known_routes(value: dict[str, TimeoutOverrides]) -> dict[str, TimeoutOverrides]:
+    unknown = sorted(set(value) - set(ROUTE_NAMES))
+    if unknown:
+        raise ValueError(
+            f"unknown route(s) {', '.join(unknown)}; routes are: {', '.join(ROUTE_NAMES)}"
+        )
+    return value
 
 
-class TimeoutSettings(StrictModel):
-    connect: Duration = Field(2.0, gt=0, le=300, description="Time to open a TCP connection.")
-    first_byte: Duration = Field(
-        300.0, gt=0, le=86400, description="Time to the response headers; allows cold model loads."
-    )
-    idle: Duration = Field(60.0, gt=0, le=86400, description="Longest pause between stream chunks.")
-    total: Duration = Field(900.0, gt=0, le=86400, description="Longest a whole request may take.")
+def _redis_url(value: str | None) -> str | None:
+    if value is not None and urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+        raise ValueError(f"a redis://, rediss:// or unix:// URL, not {value!r}")
+    return value
 
 
-class TimeoutOverrides(StrictModel):
+UpstreamUrl = Annotated[str, Check(_upstream_url)]
+
+# Every settings class below is a frozen dataclass with `__pydantic_config__ =
+# STRICT`: unknown keys are errors, since a typo in the YAML must not silently
+# do nothing; sidecar/knobs.py says why they are not pydantic models.
+
+
+@dataclass(frozen=True, kw_only=True)
+class ListenSettings:
+    __pydantic_config__ = STRICT
+
+    host: Annotated[
+        str, Field(description="Address to listen on; 127.0.0.1 keeps it pod-local.")
+    ] = "127.0.0.1"
+    port: Annotated[
+        int,
+        Field(
+            ge=0, le=65535, description="TCP port the app's base_url points at; 0 picks a free one."
+        ),
+    ] = 11435
+
+
+@dataclass(frozen=True, kw_only=True)
+class TimeoutSettings:
+    __pydantic_config__ = STRICT
+
+    connect: Annotated[
+        Duration, Field(gt=0, le=300, description="Time to open a TCP connection.")
+    ] = 2.0
+    first_byte: Annotated[
+        Duration,
+        Field(gt=0, le=86400, description="Time to the response headers; allows cold model loads."),
+    ] = 300.0
+    idle: Annotated[
+        Duration, Field(gt=0, le=86400, description="Longest pause between stream chunks.")
+    ] = 60.0
+    total: Annotated[
+        Duration, Field(gt=0, le=86400, description="Longest a whole request may take.")
+    ] = 900.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class TimeoutOverrides:
     """Per-route changes to the upstream timeouts; what is left out keeps the default."""
 
-    connect: Duration | None = Field(
-        None, gt=0, le=300, description="Time to open a TCP connection."
-    )
-    first_byte: Duration | None = Field(
-        None, gt=0, le=86400, description="Time to the response headers."
-    )
-    idle: Duration | None = Field(
-        None, gt=0, le=86400, description="Longest pause between stream chunks."
-    )
-    total: Duration | None = Field(
-        None, gt=0, le=86400, description="Longest a whole request may take."
-    )
+    __pydantic_config__ = STRICT
+
+    connect: Annotated[
+        Duration | None, Field(gt=0, le=300, description="Time to open a TCP connection.")
+    ] = None
+    first_byte: Annotated[
+        Duration | None, Field(gt=0, le=86400, description="Time to the response headers.")
+    ] = None
+    idle: Annotated[
+        Duration | None, Field(gt=0, le=86400, description="Longest pause between stream chunks.")
+    ] = None
+    total: Annotated[
+        Duration | None, Field(gt=0, le=86400, description="Longest a whole request may take.")
+    ] = None
 
 
-class UpstreamSettings(StrictModel):
-    url: UpstreamUrl = Field(
-        "http://127.0.0.1:11434", description="Base URL of Ollama (or a compatible server)."
-    )
-    timeouts: TimeoutSettings = Field(
-        default_factory=TimeoutSettings, description="Upstream timeouts."
-    )
-    route_timeouts: dict[str, TimeoutOverrides] = Field(
-        default_factory=dict,
-        description="Timeouts for single routes, e.g. {/api/embed: {first_byte: 30s}}.",
-    )
-    max_connections: int = Field(
-        100, ge=1, le=10000, description="Size of the keep-alive connection pool to the upstream."
-    )
-    keepalive: Duration = Field(
-        30.0, ge=0, le=3600, description="How long an idle pooled connection is kept open."
-    )
-    forward_authorization: bool = Field(
-        False, description="Send the client's Authorization header upstream (off: it stays here)."
-    )
+@dataclass(frozen=True, kw_only=True)
+class UpstreamSettings:
+    __pydantic_config__ = STRICT
 
-    @field_validator("route_timeouts")
-    @classmethod
-    def _known_routes(cls, value: dict[str, TimeoutOverrides]) -> dict[str, TimeoutOverrides]:
-        unknown = sorted(set(value) - set(ROUTE_NAMES))
-        if unknown:
-            raise ValueError(
-                f"unknown route(s) {', '.join(unknown)}; routes are: {', '.join(ROUTE_NAMES)}"
-            )
-        return value
+    url: Annotated[
+        UpstreamUrl, Field(description="Base URL of Ollama (or a compatible server).")
+    ] = "http://127.0.0.1:11434"
+    timeouts: Annotated[TimeoutSettings, Field(description="Upstream timeouts.")] = field(
+        default_factory=TimeoutSettings
+    )
+    route_timeouts: Annotated[
+        dict[str, TimeoutOverrides],
+        AfterValidator(_known_routes),
+        Field(description="Timeouts for single routes, e.g. {/api/embed: {first_byte: 30s}}."),
+    ] = field(default_factory=dict)
+    max_connections: Annotated[
+        int,
+        Field(
+            ge=1, le=10000, description="Size of the keep-alive connection pool to the upstream."
+        ),
+    ] = 100
+    keepalive: Annotated[
+        Duration,
+        Field(ge=0, le=3600, description="How long an idle pooled connection is kept open."),
+    ] = 30.0
+    forward_authorization: Annotated[
+        bool,
+        Field(description="Send the client's Authorization header upstream (off: it stays here)."),
+    ] = False
 
     def timeouts_for(self, route: str) -> TimeoutSettings:
         """The timeouts of one route: its overrides on top of `timeouts`."""
         overrides = self.route_timeouts.get(route)
         if overrides is None:
             return self.timeouts
-        changed = overrides.model_dump(exclude_none=True)
-        return self.timeouts.model_copy(update=changed)
+        changed = {name: value for name, value in vars(overrides).items() if value is not None}
+        return replace(self.timeouts, **changed)
 
 
-class LimitSettings(StrictModel):
-    max_body: ByteSize = Field(
-        32 * 1024**2, ge=1024, le=1024**3, description="Largest request body accepted (413 above)."
-    )
-    body_timeout: Duration = Field(
-        30.0, gt=0, le=3600, description="Time to receive a whole request body (408 after)."
-    )
-    max_header_size: ByteSize = Field(
-        8190, ge=1024, le=1024**2, description="Longest request line or single header accepted."
-    )
+@dataclass(frozen=True, kw_only=True)
+class LimitSettings:
+    __pydantic_config__ = STRICT
+
+    max_body: Annotated[
+        ByteSize,
+        Field(ge=1024, le=1024**3, description="Largest request body accepted (413 above)."),
+    ] = 32 * 1024**2
+    body_timeout: Annotated[
+        Duration,
+        Field(gt=0, le=3600, description="Time to receive a whole request body (408 after)."),
+    ] = 30.0
+    max_header_size: Annotated[
+        ByteSize,
+        Field(ge=1024, le=1024**2, description="Longest request line or single header accepted."),
+    ] = 8190
 
 
-class ManagementSettings(StrictModel):
-    allow: tuple[ManagementName, ...] = Field(
-        (),
-        description="Ollama management routes clients may reach: pull, push, create, copy, delete, blobs.",
-    )
+@dataclass(frozen=True, kw_only=True)
+class ManagementSettings:
+    __pydantic_config__ = STRICT
+
+    allow: Annotated[
+        tuple[ManagementName, ...],
+        Field(
+            description="Ollama management routes clients may reach: pull, push, create, copy, delete, blobs."
+        ),
+    ] = ()
 
 
-class ShutdownSettings(StrictModel):
-    grace: Duration = Field(
-        25.0, ge=0, le=3600, description="On SIGTERM, how long open requests may take to finish."
-    )
+@dataclass(frozen=True, kw_only=True)
+class ShutdownSettings:
+    __pydantic_config__ = STRICT
+
+    grace: Annotated[
+        Duration,
+        Field(ge=0, le=3600, description="On SIGTERM, how long open requests may take to finish."),
+    ] = 25.0
 
 
-class ReadinessSettings(StrictModel):
-    cache_for: Duration = Field(
-        1.0, ge=0, le=60, description="How long one upstream check answers /readyz."
-    )
-    timeout: Duration = Field(2.0, gt=0, le=60, description="Time the upstream check may take.")
+@dataclass(frozen=True, kw_only=True)
+class ReadinessSettings:
+    __pydantic_config__ = STRICT
+
+    cache_for: Annotated[
+        Duration, Field(ge=0, le=60, description="How long one upstream check answers /readyz.")
+    ] = 1.0
+    timeout: Annotated[
+        Duration, Field(gt=0, le=60, description="Time the upstream check may take.")
+    ] = 2.0
 
 
-class StoreSettings(StrictModel):
-    redis_url: str | None = Field(
-        None,
-        description="null: state in memory, per pod; redis://host:6379/0: shared by every replica.",
-    )
-    prefix: str = Field(
-        "ollama-sidecar:", min_length=1, max_length=128, description="Prefix of every Redis key."
-    )
-    timeout: Duration = Field(
-        1.0,
-        gt=0,
-        le=60,
-        description="Longest one store operation may take before it counts as down.",
-    )
+@dataclass(frozen=True, kw_only=True)
+class StoreSettings:
+    __pydantic_config__ = STRICT
 
-    @field_validator("redis_url")
-    @classmethod
-    def _redis_url(cls, value: str | None) -> str | None:
-        if value is not None and urlsplit(value).scheme not in ("redis", "rediss", "unix"):
-            raise ValueError(f"a redis://, rediss:// or unix:// URL, not {value!r}")
-        return value
-
-
-class ReloadSettings(StrictModel):
-    watch: bool = Field(
-        True, description="Reload when the config file changes (SIGHUP always reloads)."
-    )
-    interval: Duration = Field(
-        2.0, ge=0.05, le=300, description="How often the config file is checked for a change."
-    )
+    redis_url: Annotated[
+        str | None,
+        AfterValidator(_redis_url),
+        Field(
+            description="null: state in memory, per pod; redis://host:6379/0: shared by every replica."
+        ),
+    ] = None
+    prefix: Annotated[
+        str, Field(min_length=1, max_length=128, description="Prefix of every Redis key.")
+    ] = "ollama-sidecar:"
+    timeout: Annotated[
+        Duration,
+        Field(
+            gt=0,
+            le=60,
+            description="Longest one store operation may take before it counts as down.",
+        ),
+    ] = 1.0
 
 
-class LoggingSettings(StrictModel):
-    level: Literal["debug", "info", "warning", "error"] = Field(
-        "info", description="Lowest level written; the access line is info."
-    )
-    access_log: bool = Field(True, description="One JSON line per proxied request.")
+@dataclass(frozen=True, kw_only=True)
+class ReloadSettings:
+    __pydantic_config__ = STRICT
+
+    watch: Annotated[
+        bool, Field(description="Reload when the config file changes (SIGHUP always reloads).")
+    ] = True
+    interval: Annotated[
+        Duration,
+        Field(ge=0.05, le=300, description="How often the config file is checked for a change."),
+    ] = 2.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoggingSettings:
+    __pydantic_config__ = STRICT
+
+    level: Annotated[
+        Literal["debug", "info", "warning", "error"],
+        Field(description="Lowest level written; the access line is info."),
+    ] = "info"
+    access_log: Annotated[bool, Field(description="One JSON line per proxied request.")] = True
 
 
 class ConfiguredPolicy:
@@ -247,40 +276,53 @@ class ConfiguredPolicy:
     def __repr__(self) -> str:
         return f"ConfiguredPolicy({self.name!r}, {self.options!r})"
 
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ConfiguredPolicy):
+            return NotImplemented
+        return (self.name, self.options, self.factory) == (other.name, other.options, other.factory)
+
+    __hash__ = None  # type: ignore[assignment]
+
 
 DEFAULT_POLICIES: tuple[Mapping[str, Any], ...] = ({"correlation": {}},)
 
 
-class Settings(StrictModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    __pydantic_config__ = {**STRICT, "arbitrary_types_allowed": True}
 
-    listen: ListenSettings = Field(
-        default_factory=ListenSettings, description="Where clients connect."
+    listen: Annotated[ListenSettings, Field(description="Where clients connect.")] = field(
+        default_factory=ListenSettings
     )
-    upstream: UpstreamSettings = Field(
-        default_factory=UpstreamSettings, description="The Ollama to relay to."
+    upstream: Annotated[UpstreamSettings, Field(description="The Ollama to relay to.")] = field(
+        default_factory=UpstreamSettings
     )
-    limits: LimitSettings = Field(default_factory=LimitSettings, description="Request size limits.")
-    management: ManagementSettings = Field(
-        default_factory=ManagementSettings, description="Access to Ollama's management API."
+    limits: Annotated[LimitSettings, Field(description="Request size limits.")] = field(
+        default_factory=LimitSettings
     )
-    shutdown: ShutdownSettings = Field(
-        default_factory=ShutdownSettings, description="Draining on SIGTERM."
+    management: Annotated[
+        ManagementSettings, Field(description="Access to Ollama's management API.")
+    ] = field(default_factory=ManagementSettings)
+    shutdown: Annotated[ShutdownSettings, Field(description="Draining on SIGTERM.")] = field(
+        default_factory=ShutdownSettings
     )
-    readiness: ReadinessSettings = Field(
-        default_factory=ReadinessSettings, description="How /readyz checks the upstream."
+    readiness: Annotated[
+        ReadinessSettings, Field(description="How /readyz checks the upstream.")
+    ] = field(default_factory=ReadinessSettings)
+    logging: Annotated[LoggingSettings, Field(description="Log output.")] = field(
+        default_factory=LoggingSettings
     )
-    logging: LoggingSettings = Field(default_factory=LoggingSettings, description="Log output.")
-    stores: StoreSettings = Field(
-        default_factory=StoreSettings,
-        description="Where shared state (limits, usage, budgets) lives.",
-    )
-    reload: ReloadSettings = Field(
-        default_factory=ReloadSettings, description="Applying a changed config without a restart."
-    )
-    policies: Annotated[tuple[ConfiguredPolicy, ...], WithJsonSchema({"type": "array"})] = Field(
-        (), description="The chain, outermost first."
-    )
+    stores: Annotated[
+        StoreSettings, Field(description="Where shared state (limits, usage, budgets) lives.")
+    ] = field(default_factory=StoreSettings)
+    reload: Annotated[
+        ReloadSettings, Field(description="Applying a changed config without a restart.")
+    ] = field(default_factory=ReloadSettings)
+    policies: Annotated[
+        tuple[ConfiguredPolicy, ...],
+        WithJsonSchema({"type": "array"}),
+        Field(description="The chain, outermost first."),
+    ] = ()
 
     def summary(self) -> str:
         """One line that says what this config does."""
@@ -341,6 +383,8 @@ def read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError([("", f"cannot read {path}: {exc.strerror or exc}")]) from None
     except UnicodeDecodeError:
         raise ConfigError([("", f"{path} is not UTF-8 text")]) from None
+    import yaml  # here: the running sidecar gets its settings from a child (isolated_config)
+
     try:
         document = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -363,17 +407,21 @@ def parse_settings(raw: Mapping[str, Any]) -> Settings:
     raw_policies = data.pop("policies", list(DEFAULT_POLICIES))
     problems: list[tuple[str, str]] = []
     settings: Settings | None = None
+    from pydantic import ValidationError
+
     try:
-        settings = Settings.model_validate(data)
+        settings = validate(Settings, data)
     except ValidationError as exc:
         problems.extend(_pydantic_problems(exc, prefix=""))
     policies = _parse_policies(raw_policies, problems)
     if problems or settings is None:
         raise ConfigError(problems)
-    return settings.model_copy(update={"policies": policies})
+    return replace(settings, policies=policies)
 
 
 def _parse_policies(raw: Any, problems: list[tuple[str, str]]) -> tuple[ConfiguredPolicy, ...]:
+    from pydantic import ValidationError
+
     if raw is None:
         return ()
     if not isinstance(raw, list):

@@ -19,8 +19,9 @@ while it is imported:
   `Field(...)`;
 * cross-field checks live in `__post_init__` and raise `ValueError`, which
   pydantic reports like any validator's;
-* module-level type aliases use `Duration`, `ByteSize` or `annotated_types`
-  constraints (plain objects pydantic understands), never a call to pydantic.
+* module-level type aliases use `Duration`, `ByteSize`, `Check` or
+  `annotated_types` constraints (plain objects pydantic understands), never a
+  call to pydantic.
 
 `tests/test_startup_memory.py` keeps every built-in policy importable without pydantic.
 """
@@ -68,6 +69,7 @@ __all__ = [
     "AfterValidator",
     "BeforeValidator",
     "ByteSize",
+    "Check",
     "Duration",
     "Field",
     "ParsedUnit",
@@ -103,6 +105,26 @@ class ParsedUnit:
 
     def __get_pydantic_json_schema__(self, schema: Any, handler: Any) -> dict[str, Any]:
         return dict(self.json_schema)
+
+
+class Check:
+    """`Annotated` metadata: run `check` on the validated value (it raises ValueError or returns it).
+
+    The same as pydantic's AfterValidator, but a plain object, for module-level
+    aliases such as `UpstreamUrl` that must not import pydantic.
+    """
+
+    __slots__ = ("check",)
+
+    def __init__(self, check: Callable[[Any], Any]) -> None:
+        self.check = check
+
+    def __get_pydantic_core_schema__(
+        self, source: Any, handler: Callable[[Any], CoreSchema]
+    ) -> CoreSchema:
+        from pydantic_core import core_schema
+
+        return core_schema.no_info_after_validator_function(self.check, handler(source))
 
 
 Duration = Annotated[

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import structlog
@@ -24,10 +24,17 @@ log = structlog.get_logger("sidecar.reload")
 
 
 class ConfigWatcher:
-    """Reloads `sidecar` from `load()` when the file at `path` changes or on `trigger()`."""
+    """Reloads `sidecar` from `await load()` when the file at `path` changes or on `trigger()`.
+
+    `load` is a coroutine function because the sidecar validates in a child
+    process (sidecar/isolated_config.py) while it goes on serving.
+    """
 
     def __init__(
-        self, sidecar: Sidecar, load: Callable[[], Settings], path: str | os.PathLike[str] | None
+        self,
+        sidecar: Sidecar,
+        load: Callable[[], Awaitable[Settings]],
+        path: str | os.PathLike[str] | None,
     ) -> None:
         self._sidecar = sidecar
         self._load = load
@@ -60,7 +67,7 @@ class ConfigWatcher:
     async def reload(self) -> bool:
         """Load and apply the config once; a bad one is logged and the running one stays."""
         try:
-            settings = self._load()
+            settings = await self._load()
         except ConfigError as error:
             self._sidecar.reject_reload(error.lines())
             applied = False

@@ -1,31 +1,82 @@
 """The config's JSON Schema (editor completion for the YAML) and the policy reference.
 
-Both are generated from the pydantic models, so what the docs and the editor
-say is what `check-config` enforces; a test keeps docs/policies.md in step.
+Both are generated from the config models (dataclasses that pydantic validates,
+sidecar/knobs.py), so what the docs and the editor say is what `check-config`
+enforces; a test keeps docs/policies.md in step.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from types import UnionType
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
-
-from pydantic import BaseModel
-from pydantic.fields import FieldInfo
+from typing import Annotated, Any, Literal, NamedTuple, Union, get_args, get_origin, get_type_hints
 
 from sidecar.chain import builtin_policy_names, find_policy
 from sidecar.config import Settings
+from sidecar.knobs import adapter
 from sidecar.units import parse_duration, parse_size
+
+
+class Option(NamedTuple):
+    """One field of a config model, as a reader sees it."""
+
+    name: str
+    annotation: Any  # without its own Annotated metadata
+    metadata: tuple[Any, ...]
+    description: str | None
+    required: bool
+    default: Any  # the value, a default_factory called; None when required
+
+
+def options_of(model: type[Any]) -> list[Option]:
+    """The fields of a config model: a dataclass, or a plug-in's pydantic model."""
+    if not dataclasses.is_dataclass(model):
+        return [
+            Option(
+                name,
+                info.annotation,
+                tuple(info.metadata),
+                info.description,
+                info.is_required(),
+                None if info.is_required() else info.get_default(call_default_factory=True),
+            )
+            for name, info in model.model_fields.items()
+        ]
+    # Evaluating the string annotations turns knobs.Field into pydantic's FieldInfo.
+    hints = get_type_hints(model, include_extras=True)
+    options = []
+    for item in dataclasses.fields(model):
+        annotation: Any = hints[item.name]
+        metadata: tuple[Any, ...] = ()
+        if get_origin(annotation) is Annotated:
+            annotation, *extra = get_args(annotation)
+            metadata = tuple(extra)
+        description = next(
+            (m.description for m in metadata if getattr(m, "description", None)), None
+        )
+        required = False
+        default: Any = None
+        if item.default is not dataclasses.MISSING:
+            default = item.default
+        elif item.default_factory is not dataclasses.MISSING:
+            default = item.default_factory()
+        else:
+            required = True
+        options.append(Option(item.name, annotation, metadata, description, required, default))
+    return options
 
 
 def json_schema() -> dict[str, Any]:
     """JSON Schema of the whole YAML, the policy list included."""
-    schema = Settings.model_json_schema(mode="validation")
+    schema: dict[str, Any] = adapter(Settings).json_schema(mode="validation")
     definitions = schema.setdefault("$defs", {})
     choices = []
     for name in builtin_policy_names():
         model = find_policy(name).config_model
-        policy_schema = model.model_json_schema(mode="validation", ref_template="#/$defs/{model}")
+        policy_schema = adapter(model).json_schema(
+            mode="validation", ref_template="#/$defs/{model}"
+        )
         definitions.update(policy_schema.pop("$defs", {}))
         choices.append(
             {
@@ -70,25 +121,26 @@ def policy_reference() -> str:
     return "\n".join(lines)
 
 
-def _option_rows(model: type[BaseModel], prefix: str = "") -> list[str]:
+def _option_rows(model: type[Any], prefix: str = "") -> list[str]:
     rows = []
-    for field_name, info in model.model_fields.items():
+    for option in options_of(model):
         rows.append(
-            f"| `{prefix}{field_name}` | {_type_name(info)} | {_default(info)} | {info.description or ''} |"
+            f"| `{prefix}{option.name}` | {_type_name(option)} | {_default(option)} "
+            f"| {option.description or ''} |"
         )
     return rows
 
 
-def _type_name(info: FieldInfo) -> str:
-    # pydantic moves a field's own Annotated metadata into FieldInfo.metadata.
-    text = _describe(info.annotation, list(info.metadata))
+def _type_name(option: Option) -> str:
+    text = _describe(option.annotation, list(option.metadata))
     return f"`{text}`".replace("|", "\\|")
 
 
 def _describe(annotation: Any, metadata: list[Any] | None = None) -> str:
     """A reader's name for a type: `duration`, `size`, `int | None`, `list[str]`..."""
     for item in metadata or ():
-        func = getattr(item, "func", None)
+        # knobs.ParsedUnit keeps its parser as `parse`; pydantic's validators as `func`.
+        func = getattr(item, "parse", None) or getattr(item, "func", None)
         if func is parse_duration:
             return "duration"
         if func is parse_size:
@@ -111,11 +163,10 @@ def _describe(annotation: Any, metadata: list[Any] | None = None) -> str:
     return getattr(annotation, "__name__", str(annotation))
 
 
-def _default(info: FieldInfo) -> str:
-    if info.default_factory is not None:
-        value: Any = info.default_factory()  # type: ignore[call-arg]
-    else:
-        value = info.default
-    if isinstance(value, BaseModel):
+def _default(option: Option) -> str:
+    value = option.default
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    elif hasattr(value, "model_dump"):
         value = value.model_dump()
     return f"`{value!r}`".replace("|", "\\|")

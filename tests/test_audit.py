@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, get_type_hints
 
 import aiohttp
 import orjson
 import pytest
 from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic.fields import FieldInfo
 
 import policies.audit
 import policies.metering
@@ -18,6 +19,7 @@ from sidecar.app import Sidecar
 from sidecar.chain import Next, PolicyContext
 from sidecar.errors import SidecarError
 from sidecar.exchange import Exchange, Reply
+from sidecar.knobs import validate
 from tests.conftest import SidecarFactory
 from tests.fake_ollama import FakeOllama
 
@@ -363,14 +365,15 @@ async def test_unwritable_path_fails_the_start(
         ({"redact": ["("]}, "not a valid regex"),
         ({"redact": ["a*"]}, "matches the empty string"),
         ({"max_bytes": 10, "sink": "file", "path": "/tmp/x"}, "greater than or equal"),
-        ({"colour": "blue"}, "Extra inputs"),
+        ({"colour": "blue"}, "Unexpected keyword argument"),
     ],
 )
 def test_config_is_validated(options: dict[str, Any], problem: str) -> None:
     with pytest.raises(ValidationError, match=problem):
-        AuditConfig(**options)
+        validate(AuditConfig, options)
 
 
 def test_every_field_is_described() -> None:
-    for name, field in AuditConfig.model_fields.items():
-        assert field.description, name
+    for name, hint in get_type_hints(AuditConfig, include_extras=True).items():
+        metadata = getattr(hint, "__metadata__", ())
+        assert any(isinstance(meta, FieldInfo) and meta.description for meta in metadata), name

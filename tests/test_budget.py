@@ -8,7 +8,7 @@ import uuid
 from collections.abc import AsyncGenerator, Callable, Iterator
 from datetime import UTC, datetime
 from types import MappingProxyType
-from typing import Any
+from typing import Any, get_type_hints
 
 import aiohttp
 import openai
@@ -16,6 +16,7 @@ import orjson
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 from pydantic import ValidationError
+from pydantic.fields import FieldInfo
 
 import policies.auth
 import policies.budget
@@ -26,6 +27,7 @@ from sidecar.chain import Next, PolicyContext
 from sidecar.config import parse_settings
 from sidecar.errors import SidecarError
 from sidecar.exchange import Exchange, Reply
+from sidecar.knobs import validate
 from sidecar.observability import Metrics
 from sidecar.routes import ROUTES
 from sidecar.stores import Store, open_store
@@ -120,7 +122,7 @@ def test_config_defaults_and_bounds() -> None:
         None,
         "allow",
     )
-    assert BudgetConfig.model_validate({"period": "fixed", "window": "1h"}).window == 3600
+    assert validate(BudgetConfig, {"period": "fixed", "window": "1h"}).window == 3600
     for bad in (
         {"period": "fixed"},
         {"period": "day", "window": "1h"},
@@ -131,9 +133,10 @@ def test_config_defaults_and_bounds() -> None:
         {"tenants": {"a": {"tokens": 1, "extra": 2}}},
     ):
         with pytest.raises(ValidationError):
-            BudgetConfig.model_validate(bad)
-    for name, info in BudgetConfig.model_fields.items():
-        assert info.description, name
+            validate(BudgetConfig, bad)
+    for name, hint in get_type_hints(BudgetConfig, include_extras=True).items():
+        metadata = getattr(hint, "__metadata__", ())
+        assert any(isinstance(meta, FieldInfo) and meta.description for meta in metadata), name
 
 
 def test_periods_follow_the_utc_calendar() -> None:

@@ -23,6 +23,7 @@ from sidecar import chain
 from sidecar.app import Sidecar
 from sidecar.chain import Next, PolicyContext
 from sidecar.exchange import Exchange, Reply
+from sidecar.knobs import validate
 from sidecar.observability import Metrics
 from sidecar.routes import find_route
 from tests.conftest import SidecarFactory, settings_for
@@ -866,7 +867,7 @@ def test_keys_stay_what_they_were() -> None:
 
     def key(scope: str, route: str, body: dict[str, Any], stream: bool, include_usage: bool) -> str:
         settings = settings_for("http://127.0.0.1:9", [])
-        config = policies.cache.CacheConfig(scope=scope)
+        config = validate(policies.cache.CacheConfig, {"scope": scope})
         cache = policies.cache.ResponseCache(
             config, PolicyContext(settings=settings, metrics=Metrics())
         )

@@ -25,6 +25,7 @@ from sidecar.chain import PolicyContext
 from sidecar.config import ConfigError, parse_settings
 from sidecar.errors import SidecarError, StreamInterrupted
 from sidecar.exchange import Exchange, Reply
+from sidecar.knobs import validate
 from sidecar.observability import Metrics
 from sidecar.routes import ROUTES
 from tests.conftest import SidecarFactory
@@ -52,7 +53,7 @@ def make_policy(
     context = PolicyContext(settings=parse_settings({}), metrics=metrics or Metrics())
     if clock is not None:
         context = PolicyContext(settings=context.settings, metrics=context.metrics, clock=clock)
-    return Concurrency(ConcurrencyConfig(**options), context)
+    return Concurrency(validate(ConcurrencyConfig, options), context)
 
 
 def make_exchange(

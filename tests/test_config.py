@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from pydantic import BaseModel
 
 from sidecar.cli import main
 from sidecar.config import ConfigError, Settings, load_settings, parse_settings
+from sidecar.schema import Option, options_of
 from sidecar.units import parse_duration, parse_size
 
 
@@ -182,20 +183,19 @@ def test_example_config_is_valid() -> None:
     assert settings.policies
 
 
-def _fields(model: type[BaseModel], prefix: str = "") -> list[tuple[str, Any]]:
+def _fields(model: type[Any], prefix: str = "") -> list[tuple[str, Option]]:
     found = []
-    for name, info in model.model_fields.items():
-        found.append((prefix + name, info))
-        annotation = info.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            found.extend(_fields(annotation, f"{prefix}{name}."))
+    for option in options_of(model):
+        found.append((prefix + option.name, option))
+        if isinstance(option.annotation, type) and dataclasses.is_dataclass(option.annotation):
+            found.extend(_fields(option.annotation, f"{prefix}{option.name}."))
     return found
 
 
 def test_every_setting_has_a_description_and_a_default() -> None:
-    for path, info in _fields(Settings):
-        assert info.description, f"{path} has no one-line help"
-        assert not info.is_required(), f"{path} has no default"
+    for path, option in _fields(Settings):
+        assert option.description, f"{path} has no one-line help"
+        assert not option.required, f"{path} has no default"
 
 
 def test_the_example_shows_every_setting() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import typing
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -20,6 +21,7 @@ from sidecar.chain import PolicyContext
 from sidecar.config import parse_settings
 from sidecar.errors import UpstreamError
 from sidecar.exchange import Exchange, Reply
+from sidecar.knobs import validate
 from sidecar.observability import Metrics
 from sidecar.routes import ROUTES
 from tests.conftest import SidecarFactory
@@ -262,7 +264,7 @@ async def test_an_unreachable_upstream_fans_out_to_every_caller(
 
 def make_policy(**options: Any) -> EmbedBatching:
     context = PolicyContext(settings=parse_settings({}), metrics=Metrics())
-    return EmbedBatching(EmbedBatchingConfig(**options), context)
+    return EmbedBatching(validate(EmbedBatchingConfig, options), context)
 
 
 def make_exchange(value: Any, route: str = "/v1/embeddings", **extra: Any) -> Exchange:
@@ -469,13 +471,14 @@ def test_the_configuration_has_defaults_bounds_and_no_unknown_fields() -> None:
     config = EmbedBatchingConfig()
     assert (config.window, config.max_batch) == (0.002, 32)
     assert config.routes == ("/v1/embeddings", "/api/embed")
-    assert EmbedBatchingConfig(window="5ms").window == pytest.approx(0.005)
+    assert validate(EmbedBatchingConfig, {"window": "5ms"}).window == pytest.approx(0.005)
     for bad in ({"max_batch": 1}, {"window": 0}, {"window": "2s"}, {"routes": ["/api/chat"]}):
         with pytest.raises(ValidationError):
-            EmbedBatchingConfig(**bad)
+            validate(EmbedBatchingConfig, bad)
     with pytest.raises(ValidationError):
-        EmbedBatchingConfig(windw="2ms")  # type: ignore[call-arg]
-    for field_name, info in EmbedBatchingConfig.model_fields.items():
-        assert info.description, field_name
+        validate(EmbedBatchingConfig, {"windw": "2ms"})
+    hints = typing.get_type_hints(EmbedBatchingConfig, include_extras=True)
+    for field_name, hint in hints.items():
+        assert any(getattr(meta, "description", None) for meta in hint.__metadata__), field_name
     settings = parse_settings({"policies": [{"embed_batching": {"window": "3ms"}}]})
     assert settings is not None

@@ -12,6 +12,7 @@ import pytest
 import policies.metering
 from policies.metering import Metering, NdjsonLastLine, SseUsageScanner
 from sidecar.app import Sidecar
+from sidecar.knobs import validate
 from sidecar.ledger import UsageRecord
 from sidecar.tokens import TokenCounter, completion_text
 from tests.conftest import JsonLogs, SidecarFactory
@@ -385,8 +386,9 @@ async def test_tenant_from_facts_and_price_without_latest() -> None:
     from sidecar.routes import ROUTES
 
     context = PolicyContext(settings=parse_settings({}), metrics=Metrics())
-    config = policies.metering.MeteringConfig.model_validate(
-        {"prices": {"llama3.2": {"prompt": 1.0, "completion": 3.0}}}
+    config = validate(
+        policies.metering.MeteringConfig,
+        {"prices": {"llama3.2": {"prompt": 1.0, "completion": 3.0}}},
     )
     policy = Metering(config, context)
     exchange = Exchange(
@@ -427,8 +429,9 @@ async def test_a_cache_hit_is_metered_as_cached_tokens_not_upstream_tokens() -> 
     from sidecar.routes import ROUTES
 
     context = PolicyContext(settings=parse_settings({}), metrics=Metrics())
-    config = policies.metering.MeteringConfig.model_validate(
-        {"prices": {"llama3.2": {"prompt": 1.0, "completion": 3.0}}}
+    config = validate(
+        policies.metering.MeteringConfig,
+        {"prices": {"llama3.2": {"prompt": 1.0, "completion": 3.0}}},
     )
     policy = Metering(config, context)
     exchange = Exchange(

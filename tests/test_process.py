@@ -186,3 +186,40 @@ async def test_sighup_reloads_and_a_broken_config_is_ignored(
     running.process.send_signal(signal.SIGTERM)
     await running.drain_output()
     assert await asyncio.wait_for(running.process.wait(), 10) == 0
+
+
+def mapped_files(pid: int) -> str:
+    """The files a running process has mapped: its shared libraries and extension modules."""
+    return Path(f"/proc/{pid}/maps").read_text()
+
+
+async def test_the_serving_process_never_loads_pydantic(
+    fake: FakeOllama, processes: list[SidecarProcess], tmp_path: Path
+) -> None:
+    # pydantic-core would stay resident for the pod's life (~10 MiB of issue 7's 50):
+    # the config is validated in a child process, at start and at every reload.
+    config = tmp_path / "sidecar.yaml"
+    chain = "policies: [correlation, metering, circuit_breaker, retry]\n"
+    config.write_text(f"reload: {{watch: false}}\nupstream: {{url: {fake.url}}}\n{chain}")
+    running = await start_process("--config", str(config))
+    processes.append(running)
+    assert "pydantic_core" not in mapped_files(running.process.pid)
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{running.url}/v1/chat/completions", json=CHAT) as response:
+            assert response.status == 200
+        config.write_text(
+            f"reload: {{watch: false}}\nupstream: {{url: {fake.url}}}\n{chain}"
+            "limits: {max_body: 1MiB}\n"
+        )
+        running.process.send_signal(signal.SIGHUP)
+        assert (await running.next_event("reloaded"))["generation"] == 2
+        config.write_text("policies: [{retry: {attempts: 0}}]\n")
+        running.process.send_signal(signal.SIGHUP)
+        rejected = await running.next_event("reload_rejected")
+        assert "policies[0].retry.attempts" in str(rejected["problems"])
+        async with http.post(f"{running.url}/v1/chat/completions", json=CHAT) as response:
+            assert response.status == 200
+    assert "pydantic_core" not in mapped_files(running.process.pid)
+    running.process.send_signal(signal.SIGTERM)
+    await running.drain_output()
+    assert await asyncio.wait_for(running.process.wait(), 10) == 0

@@ -5,6 +5,7 @@ client), keys per tenant / model / both / global, and a Redis outage with allow 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncGenerator, Iterator
@@ -26,6 +27,7 @@ from sidecar.chain import Next, PolicyContext
 from sidecar.config import parse_settings
 from sidecar.errors import SidecarError
 from sidecar.exchange import Exchange, Reply
+from sidecar.knobs import adapter, validate
 from sidecar.observability import Metrics
 from sidecar.routes import ROUTES
 from sidecar.stores import Store, open_store
@@ -83,17 +85,19 @@ def metric(sidecar: Sidecar, name: str, **labels: str) -> float:
 
 def test_config_needs_a_limit_and_forbids_unknown_fields() -> None:
     with pytest.raises(ValidationError, match="requests_per_minute, tokens_per_minute"):
-        RateLimitConfig()
+        validate(RateLimitConfig, {})
     with pytest.raises(ValidationError):
-        RateLimitConfig(requests_per_minute=10, bogus=1)  # type: ignore[call-arg]
+        validate(RateLimitConfig, {"requests_per_minute": 10, "bogus": 1})
     with pytest.raises(ValidationError):
-        RateLimitConfig(requests_per_minute=0)
+        validate(RateLimitConfig, {"requests_per_minute": 0})
     with pytest.raises(ValidationError):
-        RateLimitConfig(requests_per_minute=1, routes=("/nope",))
-    config = RateLimitConfig(requests_per_minute=10)
+        validate(RateLimitConfig, {"requests_per_minute": 1, "routes": ("/nope",)})
+    config = validate(RateLimitConfig, {"requests_per_minute": 10})
     assert config.per == "tenant" and config.on_store_error == "allow"
-    for name, field in RateLimitConfig.model_fields.items():
-        assert field.description, name
+    properties = adapter(RateLimitConfig).json_schema()["properties"]
+    assert set(properties) == {field.name for field in dataclasses.fields(RateLimitConfig)}
+    for name, schema in properties.items():
+        assert schema.get("description"), name
 
 
 def test_go_duration_spells_resets_like_openai() -> None:
@@ -467,7 +471,7 @@ async def test_redis_down_follows_on_store_error_and_recovers(
 
 def _policy(store: Store, metrics: Metrics, **options: Any) -> RateLimit:
     context = PolicyContext(settings=parse_settings({}), metrics=metrics, store=store)
-    return RateLimit(RateLimitConfig(**options), context)
+    return RateLimit(validate(RateLimitConfig, options), context)
 
 
 def _stream_using(total_tokens: int) -> Next:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import ClassVar
 
@@ -13,8 +15,9 @@ from pydantic import BaseModel
 
 from sidecar.app import Sidecar
 from sidecar.chain import Next, PolicyContext
-from sidecar.config import Settings, load_settings, parse_settings
+from sidecar.config import Settings, parse_settings
 from sidecar.exchange import Exchange, Reply
+from sidecar.isolated_config import load_settings_isolated_async
 from sidecar.reload import ConfigWatcher
 from tests.conftest import SidecarFactory, settings_for
 from tests.fake_ollama import FakeOllama
@@ -119,8 +122,8 @@ async def test_a_config_that_cannot_start_is_rejected_and_the_old_one_serves(
 
 
 async def test_the_listen_address_is_kept_on_reload(sidecar: Sidecar, fake: FakeOllama) -> None:
-    moved = settings_for(fake.url).model_copy(
-        update={"listen": parse_settings({"listen": {"port": 1}}).listen}
+    moved = dataclasses.replace(
+        settings_for(fake.url), listen=parse_settings({"listen": {"port": 1}}).listen
     )
     assert await sidecar.apply(moved)
     assert sidecar.settings.listen.port == 0
@@ -153,8 +156,9 @@ async def test_a_configmap_symlink_swap_is_picked_up_and_a_broken_one_ignored(
     path = kubernetes_configmap(tmp_path, config("X-Request-ID"), 1)
     sidecar = await make_sidecar(reload={"interval": "50ms"})
 
-    def load() -> Settings:
-        return load_settings(path, environ={})
+    def load() -> Awaitable[Settings]:
+        # What `serve` does: validation in a child process, the sidecar goes on serving.
+        return load_settings_isolated_async(path)
 
     watcher = ConfigWatcher(sidecar, load, path)
     watching = asyncio.create_task(watcher.run())

@@ -9,6 +9,7 @@ fake Ollama with millisecond backoff.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import types
 from collections.abc import AsyncGenerator, Callable
@@ -26,6 +27,7 @@ from sidecar.chain import PolicyContext
 from sidecar.config import ConfigError, parse_settings
 from sidecar.errors import SidecarError, StreamInterrupted, UpstreamError
 from sidecar.exchange import Exchange, Reply
+from sidecar.knobs import adapter, validate
 from sidecar.observability import Metrics
 from sidecar.routes import BLOBS_ROUTE, ROUTES, Route
 from tests.conftest import JsonLogs, SidecarFactory
@@ -90,7 +92,7 @@ def make_policy(
         clock=time.clock,
         sleep=time.sleep,
     )
-    config = RetryConfig.model_validate(options)
+    config = validate(RetryConfig, options)
     if jitter is None:
         return Retry(config, context)
     return Retry(config, context, jitter=jitter)
@@ -526,9 +528,11 @@ def test_config_defaults_bounds_and_unknown_keys() -> None:
     assert (config.attempts, config.base, config.max_delay, config.budget) == (3, 0.2, 5.0, 30.0)
     assert config.max_retry_after == 30.0
     assert (config.budget_ratio, config.budget_min_retries, config.budget_window) == (0.2, 3, 10.0)
-    for name, info in RetryConfig.model_fields.items():
-        assert info.description, f"retry.{name} has no one-line help"
-        assert not info.is_required(), f"retry.{name} has no default"
+    properties = adapter(RetryConfig).json_schema()["properties"]
+    assert set(properties) == {field.name for field in dataclasses.fields(RetryConfig)}
+    for name, schema in properties.items():
+        assert schema.get("description"), f"retry.{name} has no one-line help"
+        assert "default" in schema, f"retry.{name} has no default"
     parsed = parse_settings({"policies": [{"retry": {"base": "250ms", "budget": "1m"}}]})
     options = parsed.policies[0].options
     assert isinstance(options, RetryConfig)
@@ -551,7 +555,7 @@ def test_config_defaults_bounds_and_unknown_keys() -> None:
     assert problems["policies[0].retry.tries"] == "unknown setting"
     with pytest.raises(ConfigError, match="longer than max_delay"):
         parse_settings({"policies": [{"retry": {"base": "10s", "max_delay": "1s"}}]})
-    with pytest.raises(ValueError, match="frozen"):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         config.attempts = 5  # type: ignore[misc]
 
 

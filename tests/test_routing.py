@@ -207,10 +207,11 @@ async def test_when_every_candidate_breaks_before_its_first_chunk_the_client_get
     from sidecar.chain import PolicyContext
     from sidecar.errors import StreamInterrupted, UpstreamError
     from sidecar.exchange import Exchange, Reply
+    from sidecar.knobs import validate
     from sidecar.observability import Metrics
     from sidecar.routes import ROUTES
 
-    config = RoutingConfig.model_validate({"fallbacks": {"llama3.2:latest": ["smollm2:latest"]}})
+    config = validate(RoutingConfig, {"fallbacks": {"llama3.2:latest": ["smollm2:latest"]}})
     routing = Routing(config, PolicyContext(settings=parse_settings({}), metrics=Metrics()))
     exchange = Exchange(
         "POST",

@@ -7,17 +7,20 @@ fresh interpreter, since the test process has imported every policy already.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
 
 import policies
 from sidecar import chain
-from sidecar.config import ConfigError, parse_settings
+from sidecar.config import ConfigError, load_settings, parse_settings
+from sidecar.isolated_config import load_settings_isolated
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -57,6 +60,56 @@ def test_a_config_imports_only_the_policies_it_names(tmp_path: Path) -> None:
     assert policy_modules(modules) == {"policies.correlation", "policies.retry"}
     # What the policies left out would have brought with them.
     assert not {"aiocache", "redis", "opentelemetry"} & modules
+
+
+def test_the_running_sidecar_never_imports_pydantic_or_yaml(tmp_path: Path) -> None:
+    # Settings come validated from a child process (sidecar/isolated_config.py);
+    # the serving process only imports the modules that run the chain.
+    config = tmp_path / "sidecar.yaml"
+    config.write_text("policies: [correlation, metering, circuit_breaker, retry]\n")
+    modules = imported_after(
+        f"""
+        from sidecar.isolated_config import load_settings_isolated
+        settings = load_settings_isolated({str(config)!r})
+        assert [policy.name for policy in settings.policies] == [
+            "correlation", "metering", "circuit_breaker", "retry"
+        ]
+        assert settings.policies[1].options.__class__.__name__ == "MeteringConfig"
+        import sidecar.app, sidecar.cli, sidecar.reload, sidecar.runtime
+        """
+    )
+    assert not {"pydantic", "pydantic_core", "yaml", "importlib.metadata"} & modules
+
+
+def test_every_builtin_policy_module_imports_without_pydantic() -> None:
+    # A config model is a plain dataclass; pydantic reads it only when validating.
+    modules = imported_after(
+        "import policies\n"
+        + "".join(f"import {module}\n" for module in policies.BUILTIN_MODULES.values())
+    )
+    assert policy_modules(modules) == set(policies.BUILTIN_MODULES.values())
+    assert not {"pydantic", "pydantic_core"} & modules
+
+
+def test_a_bad_config_comes_back_from_the_child_with_every_problem(tmp_path: Path) -> None:
+    config = tmp_path / "sidecar.yaml"
+    config.write_text("listen: {port: -1}\npolicies: [{retry: {attempts: 0}}, {nope: {}}]\n")
+    with pytest.raises(ConfigError) as caught:
+        load_settings_isolated(config)
+    paths = [path for path, _ in caught.value.problems]
+    assert paths == ["listen.port", "policies[0].retry.attempts", "policies[1]"]
+
+
+def test_the_child_validates_what_the_parent_would(tmp_path: Path) -> None:
+    config = tmp_path / "sidecar.yaml"
+    config.write_text(
+        "upstream: {timeouts: {connect: 250ms}, route_timeouts: {/api/embed: {total: 5m}}}\n"
+        "policies: [correlation, {retry: {attempts: 2, base: 50ms}}, {metering: {}}]\n"
+    )
+    overrides: dict[tuple[str, ...], Any] = {("listen", "port"): 0}
+    assert load_settings_isolated(config, overrides=overrides) == load_settings(
+        config, environ=os.environ, overrides=overrides
+    )
 
 
 def test_importing_the_policies_package_imports_no_policy() -> None:
