@@ -63,7 +63,7 @@ from sidecar.errors import StreamInterrupted
 from sidecar.exchange import Exchange, Reply
 from sidecar.knobs import STRICT, ByteSize, Field
 from sidecar.ledger import UsageLedger, UsageRecord
-from sidecar.replies import StreamEnd, WatchedChunks
+from sidecar.replies import PushSource, StreamEnd, Transform, WatchedChunks
 from sidecar.routes import GENERATION_ROUTES
 from sidecar.streams import LastNdjsonLine
 from sidecar.tokens import Encoding, TokenCounter, completion_text, prompt_tokens
@@ -441,14 +441,8 @@ class MeteredChunks(WatchedChunks):
                         self._after = ending  # after the held-back bytes went out
                         chunk = rest
                         break
-                    self._kept.add(read)
-                    if sse is None:
-                        if self._ndjson is not None:
-                            self._ndjson.feed(read)
-                        chunk = read
-                        break
-                    chunk = sse.feed(read)
-                    if chunk:
+                    chunk = self._transform(read)
+                    if chunk or sse is None:
                         break
                     # All held back (an unfinished event, or the usage event): read on.
             except BaseException as error:
@@ -458,6 +452,26 @@ class MeteredChunks(WatchedChunks):
             on_first, self._on_first = self._on_first, None
             on_first()
         return chunk
+
+    def _transform(self, read: bytes) -> bytes:
+        """One read kept and scanned: the bytes to pass on (b"": held back for now)."""
+        self._kept.add(read)
+        sse = self._sse
+        if sse is None:
+            if self._ndjson is not None:
+                self._ndjson.feed(read)
+            return read
+        return sse.feed(read)
+
+    def push_pipeline(self) -> tuple[PushSource, list[Transform]] | None:
+        # The scan runs the same in the source's callback (see sidecar/replies.py).
+        if self._after is not None:
+            return None
+        below = super().push_pipeline()
+        if below is None:
+            return None
+        source, transforms = below
+        return source, [*transforms, self._transform]
 
 
 _MAX_ACCOUNTS = 4096

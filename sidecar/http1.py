@@ -173,6 +173,9 @@ class Connection(asyncio.Protocol):
         self._keep_alive = True
         self._decoder: Any = None
         self._paused = False
+        # Set while a stream's reader waits (UpstreamChunks): a piece it takes (returns
+        # True) is handed on in this callback, never buffered, and wakes nobody.
+        self.sink: Callable[[bytes], bool] | None = None
         self.status = 0
         self.headers: CIMultiDict[str] = CIMultiDict()
         self.content_type: str | None = None
@@ -296,6 +299,10 @@ class Connection(asyncio.Protocol):
                 return
             if not body:
                 return
+        if self.streaming:
+            sink = self.sink
+            if sink is not None and not self._pieces and sink(body):
+                return
         self._pieces.append(body)
         if self.streaming:
             self._buffered += len(body)
@@ -401,6 +408,12 @@ class Connection(asyncio.Protocol):
         else:
             self._waiter = waiter
         return waiter
+
+    def wake(self) -> None:
+        """Finish the pending `wait()` now (a sink failed and its reader must learn it)."""
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     @property
     def reusable(self) -> bool:

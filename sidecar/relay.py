@@ -7,10 +7,17 @@ first byte the client gets an explicit error event, never a clean-looking end.
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
+import structlog
 from aiohttp import web
 
 from sidecar.errors import StreamInterrupted, stream_error_event
 from sidecar.exchange import Exchange, Reply
+from sidecar.replies import PushSource, Transform, WatchedChunks
+
+log = structlog.get_logger("sidecar.relay")
 
 
 class RelayedStream(web.StreamResponse):
@@ -47,8 +54,8 @@ async def relay(request: web.BaseRequest, reply: Reply, exchange: Exchange) -> w
         # Said outright (aiohttp would choose it anyway): the fast path below frames
         # chunks itself and must know. HTTP/1.0 clients get the body until the close.
         response.enable_chunked_encoding()
-    sent = 0
-    last = b"\n\n"
+    out = _Written()
+    source: PushSource | None = None
     try:
         await response.prepare(request)
         transport = request.transport
@@ -57,7 +64,7 @@ async def relay(request: web.BaseRequest, reply: Reply, exchange: Exchange) -> w
             async for chunk in chunks:
                 if not chunk:
                     continue
-                if sent and transport is not None and not transport.get_write_buffer_size():
+                if out.sent and transport is not None and not transport.get_write_buffer_size():
                     # The head went out with the first chunk and the client keeps up
                     # (nothing waits in the socket buffer): frame the chunk and hand it
                     # to the transport. aiohttp's write path is two coroutines and
@@ -69,20 +76,36 @@ async def relay(request: web.BaseRequest, reply: Reply, exchange: Exchange) -> w
                     # The first chunk (with the head), and any chunk for a client that
                     # reads slowly: aiohttp's path, with its back-pressure.
                     await response.write(chunk)
-                sent += len(chunk)
-                last = chunk
+                out.sent += len(chunk)
+                out.last = chunk
+                if source is None and transport is not None:
+                    # From the second chunk on, chunks that arrive while this loop waits
+                    # go to the client from the upstream's callback (PushSource).
+                    pipeline = chunks.push_pipeline() if isinstance(chunks, WatchedChunks) else None
+                    if pipeline is not None:
+                        source, transforms = pipeline
+                        source.push_to(_ClientSink(transport, chunked, transforms, out))
         except StreamInterrupted as broken:
             exchange.facts["stream_error"] = broken.code
-            stream_format = reply.stream_format or "sse"
-            # Close a half-written line first, so the error is an event of its own.
-            prefix = (
-                b""
-                if last.endswith(b"\n\n" if stream_format == "sse" else b"\n")
-                else (b"\n\n" if stream_format == "sse" else b"\n")
+            await _write_error_event(response, reply, out, broken.message, broken.code, source)
+            source = None
+        except ConnectionError:
+            raise
+        except Exception:
+            # A bug mid-stream (in a policy's layer, say): the head is out, so the
+            # client learns it from the stream's last event; a handler error now
+            # would leave it waiting for the rest of a chunked body.
+            log.exception("stream_internal_error", route=exchange.route.name)
+            exchange.facts["stream_error"] = "internal_error"
+            await _write_error_event(
+                response,
+                reply,
+                out,
+                "internal error in the sidecar; its log has the details",
+                "internal_error",
+                source,
             )
-            await response.write(
-                prefix + stream_error_event(broken.message, broken.code, stream_format)
-            )
+            source = None
         await response.write_eof()
     except ConnectionError:
         # The client went away mid-answer. Hand the response back as it is:
@@ -90,6 +113,69 @@ async def relay(request: web.BaseRequest, reply: Reply, exchange: Exchange) -> w
         # exception would be logged as a server error and answered with a 500.
         exchange.facts["client_gone"] = True
     finally:
-        exchange.facts["bytes_out"] = sent
+        if source is not None:
+            source.push_to(None)
+        exchange.facts["bytes_out"] = out.sent
         await chunks.aclose()
     return response
+
+
+async def _write_error_event(
+    response: web.StreamResponse,
+    reply: Reply,
+    out: _Written,
+    message: str,
+    code: str,
+    source: PushSource | None,
+) -> None:
+    """The stream's error event after what the client got, on a line of its own."""
+    if source is not None:
+        source.push_to(None)
+    stream_format = reply.stream_format or "sse"
+    end = b"\n\n" if stream_format == "sse" else b"\n"
+    prefix = b"" if out.last.endswith(end) else end
+    await response.write(prefix + stream_error_event(message, code, stream_format))
+
+
+class _Written:
+    """What reached the client so far, by either path."""
+
+    __slots__ = ("last", "sent")
+
+    def __init__(self) -> None:
+        self.sent = 0
+        self.last = b"\n\n"
+
+
+class _ClientSink:
+    """The client's socket as a ChunkSink: the fast path above, run from the source's callback."""
+
+    __slots__ = ("_chunked", "_out", "_transforms", "_transport")
+
+    def __init__(
+        self,
+        transport: asyncio.Transport | asyncio.BaseTransport,
+        chunked: bool,
+        transforms: list[Transform],
+        out: _Written,
+    ) -> None:
+        self._transport: Any = transport
+        self._chunked = chunked
+        self._transforms = transforms
+        self._out = out
+
+    def accepts(self) -> bool:
+        # Nothing waiting in the socket buffer, and the client still there: otherwise the
+        # chunk waits for the relay loop, which has back-pressure and notices a close.
+        transport = self._transport
+        return not transport.get_write_buffer_size() and not transport.is_closing()
+
+    def take(self, chunk: bytes) -> None:
+        for transform in self._transforms:
+            chunk = transform(chunk)
+            if not chunk:
+                return
+        self._transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if self._chunked else chunk)
+        out = self._out
+        out.sent += len(chunk)
+        out.last = chunk

@@ -14,13 +14,39 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from sidecar.errors import StreamInterrupted
 from sidecar.exchange import Reply
 
 StreamEnd = Literal["complete", "failed", "abandoned"]
 OnEnd = Callable[[StreamEnd, StreamInterrupted | None], None]
+# What a layer does to each chunk on the way out; b"" holds everything back for now.
+Transform = Callable[[bytes], bytes]
+
+
+class ChunkSink(Protocol):
+    """Where a stream's source can hand chunks straight to the client (see PushSource)."""
+
+    def accepts(self) -> bool:
+        """Whether a chunk can be written now, without waiting (no back-pressure)."""
+        ...
+
+    def take(self, chunk: bytes) -> None:
+        """Run the layers' transforms on `chunk` and write what is left."""
+        ...
+
+
+class PushSource(Protocol):
+    """A stream source that can hand its chunks to a sink while the reader waits for one.
+
+    A relayed chunk that arrives while the relay is parked waiting costs, read
+    the usual way, a future, a task wake-up and a resume of every layer; handed
+    over in the callback that received it, it costs the layers' transforms and
+    a write. The reader still ends the stream (its end, its error) the usual way.
+    """
+
+    def push_to(self, sink: ChunkSink | None) -> None: ...
 
 
 class WatchedChunks(AsyncGenerator[bytes, None]):
@@ -72,6 +98,15 @@ class WatchedChunks(AsyncGenerator[bytes, None]):
         """Give `chunk` (just read from this stream) out again first."""
         assert self._first is None, "one chunk at a time"
         self._first = chunk
+
+    def push_pipeline(self) -> tuple[PushSource, list[Transform]] | None:
+        """The source under this stream and the transforms of the layers above it, innermost
+        first, when every layer can run in a callback; None when one cannot (then chunks
+        are read the usual way). Asked after the first chunk went out."""
+        inner = self._inner
+        if self._first is not None or self._on_first is not None:
+            return None
+        return inner.push_pipeline() if isinstance(inner, WatchedChunks) else None
 
     def _pull(self) -> Awaitable[bytes]:
         """The next chunk of what is watched (subclasses read their own source)."""

@@ -31,7 +31,7 @@ from sidecar.http1 import (
     encode_request,
 )
 from sidecar.observability import Metrics
-from sidecar.replies import StreamEnd, WatchedChunks
+from sidecar.replies import ChunkSink, PushSource, StreamEnd, Transform, WatchedChunks
 from sidecar.streams import end_check, stream_format_of
 
 log = structlog.get_logger("sidecar.upstream")
@@ -301,7 +301,16 @@ class UpstreamChunks(WatchedChunks):
     costs nothing, so a busy stream pays no timer per chunk.
     """
 
-    __slots__ = ("_check", "_connection", "_deadline", "_idle", "_loop", "_waiting")
+    __slots__ = (
+        "_check",
+        "_connection",
+        "_deadline",
+        "_idle",
+        "_loop",
+        "_push_error",
+        "_sink",
+        "_waiting",
+    )
 
     def __init__(
         self,
@@ -330,6 +339,8 @@ class UpstreamChunks(WatchedChunks):
         self._deadline = deadline
         self._waiting = upstream._deadlines.deadline(deadline)
         self._check = end_check(exchange.route.stream_end, stream_format)
+        self._sink: ChunkSink | None = None
+        self._push_error: BaseException | None = None
 
     async def asend(self, value: None) -> bytes:
         # WatchedChunks.asend with the read inlined: per relayed chunk, the frames
@@ -346,6 +357,32 @@ class UpstreamChunks(WatchedChunks):
             on_first, self._on_first = self._on_first, None
             on_first()
         return chunk
+
+    def push_pipeline(self) -> tuple[PushSource, list[Transform]] | None:
+        if self._first is not None or self._on_first is not None:
+            return None
+        return self, []
+
+    def push_to(self, sink: ChunkSink | None) -> None:
+        """While the reader waits, hand arriving chunks to `sink` (None: stop)."""
+        self._sink = sink
+
+    def _pushed(self, chunk: bytes) -> bool:
+        """The connection's callback for a piece that arrived while the reader waits."""
+        sink = self._sink
+        if sink is None or not sink.accepts():
+            return False  # buffered; the reader wakes and takes it the usual way
+        if self._check is not None:
+            self._check.feed(chunk)
+        # The reader is still waiting: each chunk moves its idle deadline on.
+        self._waiting.move(min(self._loop.time() + self._idle, self._deadline))
+        try:
+            sink.take(chunk)
+        except BaseException as error:  # never into the protocol: the reader raises it
+            self._sink = None
+            self._push_error = error
+            self._connection.wake()
+        return True
 
     def _must_wait(self) -> bool:
         connection = self._connection
@@ -373,15 +410,23 @@ class UpstreamChunks(WatchedChunks):
         """Wait for the next piece (the idle and total deadlines apply only here), then take it."""
         loop = self._loop
         waiting = self._waiting
+        connection = self._connection
         waiting.move(min(loop.time() + self._idle, self._deadline))
+        if self._sink is not None:
+            connection.sink = self._pushed
         try:
             with waiting:
-                await self._connection.wait()
+                await connection.wait()
         except TimeoutError:
             reason = "total" if loop.time() >= self._deadline else "idle"
             raise StreamInterrupted(
                 f"the upstream stream stalled ({reason} timeout)", code="upstream_timeout"
             ) from None
+        finally:
+            connection.sink = None
+        if self._push_error is not None:
+            error, self._push_error = self._push_error, None
+            raise error
         return self._take()
 
 
