@@ -81,7 +81,6 @@ class UsageLedger:
         self._interval = interval
         self._pending: dict[str, dict[str, float]] = {}
         self._timer: asyncio.TimerHandle | None = None
-        self._writing: set[asyncio.Task[None]] = set()
         self._period_minute = -1
         self._period = ""
         self._keys: dict[tuple[str, str], str] = {}  # (tenant, model) -> key, this period
@@ -125,29 +124,25 @@ class UsageLedger:
         return self._period
 
     def _write_soon(self) -> None:
+        # The store's own no-wait writes: applied at once in memory; for Redis, queued
+        # and sent in one script by its writer. No task of ours, no await per key.
         self._timer = None
-        task = asyncio.get_running_loop().create_task(self._write_pending())
-        self._writing.add(task)
-        task.add_done_callback(self._writing.discard)
-
-    async def _write_pending(self) -> None:
         batch, self._pending = self._pending, {}
         for key, sums in batch.items():
-            try:
-                await self._store.add(key, sums, ttl_s=RETENTION_S)
-            except StoreUnavailable as error:
-                self._errors.inc()
-                log.warning("usage_not_recorded", key=key, error=str(error))
+            self._store.add_nowait(key, sums, RETENTION_S, self._write_failed)
+
+    def _write_failed(self, key: str, operations: int, error: StoreUnavailable) -> None:
+        self._errors.inc(operations)
+        log.warning("usage_not_recorded", key=key, operations=operations, error=str(error))
 
     async def flush(self) -> None:
-        """Write what is pending now and wait for writes under way (shutdown, tests)."""
+        """Write what is pending now and wait until the store has it (shutdown, tests)."""
         if self._timer is not None:
             self._timer.cancel()
-            self._timer = None
         if self._pending:
-            await self._write_pending()
-        if self._writing:
-            await asyncio.gather(*list(self._writing), return_exceptions=True)
+            self._write_soon()
+        self._timer = None
+        await self._store.flush()
 
 
 async def usage_report(
