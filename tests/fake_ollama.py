@@ -468,6 +468,8 @@ class FakeOllama:
         self.between_chunks: Callable[[int], Awaitable[None]] | None = None
         self.requests: list[RecordedRequest] = []
         self.stream_closed_by_peer = asyncio.Event()
+        # Set when a delay_headers fault starts holding an answer back.
+        self.holding_headers = asyncio.Event()
         self.active_streams = 0
         self.connections_opened = 0
         # Generation requests being answered now, and the most there ever were at once
@@ -628,6 +630,7 @@ class FakeOllama:
                 call.request.transport.close()
             return web.Response()
         if fault.kind == "delay_headers":
+            self.holding_headers.set()
             if fault.release is not None:
                 await fault.release.wait()
             else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import struct
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -347,14 +348,15 @@ async def test_delay_headers_waits_for_release(
     release = asyncio.Event()
     fake.inject(Fault("delay_headers", release=release))
     pending = asyncio.create_task(post(session, fake, "/v1/chat/completions", CHAT))
-    done, _ = await asyncio.wait({pending}, timeout=0.05)
-    assert not done and len(fake.requests) == 1
+    await asyncio.wait_for(fake.holding_headers.wait(), 5)
+    assert not pending.done() and len(fake.requests) == 1
     release.set()
     assert (await asyncio.wait_for(pending, 2))[0] == 200
     fake.inject(Fault("delay_headers", delay=0.05))
-    started = asyncio.get_running_loop().time()
+    started = time.monotonic()
     assert (await post(session, fake, "/api/chat", CHAT))[0] == 200
-    assert asyncio.get_running_loop().time() - started >= 0.05
+    # uvloop's timers count whole milliseconds: a 50 ms sleep may end a little early.
+    assert time.monotonic() - started >= 0.045
 
 
 async def test_reset_after_cuts_the_chunked_body(

@@ -25,7 +25,12 @@ from tests.fake_ollama import FakeOllama
 
 MODEL = "llama3.2:latest"
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi there"}]}
-DEFAULT_CHAIN: list[Any] = [{"correlation": {}}, {"metering": {}}, {"circuit_breaker": {}}, {"retry": {}}]
+DEFAULT_CHAIN: list[Any] = [
+    {"correlation": {}},
+    {"metering": {}},
+    {"circuit_breaker": {}},
+    {"retry": {}},
+]
 
 
 @pytest.fixture
