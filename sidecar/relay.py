@@ -12,6 +12,9 @@ from typing import Any
 
 import structlog
 from aiohttp import web
+from aiohttp.helpers import rfc822_formatted_time
+from aiohttp.http import SERVER_SOFTWARE, HttpVersion10, HttpVersion11
+from multidict import CIMultiDict
 
 from sidecar.errors import StreamInterrupted, stream_error_event
 from sidecar.exchange import Exchange, Reply
@@ -33,6 +36,69 @@ class RelayedStream(web.StreamResponse):
     _send_headers_immediately = False
 
 
+class WholeResponse(web.StreamResponse):
+    """A whole answer written as one buffer when aiohttp prepares it.
+
+    `web.Response` gets there through a copy of the headers, a payload writer and
+    four coroutines, which cost about a twentieth of a relayed request; this
+    writes the same bytes (status line, the headers with Content-Length, Date,
+    Server and Connection as aiohttp sets them, the body) in one call. Only for
+    the plain case: a body to send, no Transfer-Encoding; HEAD, 1xx, 204 and
+    304 answers go through `web.Response`.
+    """
+
+    @staticmethod
+    def fits(method: str, status: int, headers: CIMultiDict[str]) -> bool:
+        return (
+            method != "HEAD"
+            and status >= 200
+            and status not in (204, 304)
+            and "Transfer-Encoding" not in headers
+        )
+
+    def __init__(self, status: int, headers: CIMultiDict[str], body: bytes) -> None:
+        super().__init__(status=status)
+        self._headers = headers  # the reply's own, not copied
+        self._whole = body
+
+    async def prepare(self, request: web.BaseRequest) -> None:
+        if self._eof_sent:
+            return
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("Cannot write to closing transport")
+        keep_alive = self._keep_alive
+        if keep_alive is None:
+            keep_alive = self._keep_alive = request.keep_alive
+        version = request.version
+        headers = self._headers
+        body = self._whole
+        lines = [f"HTTP/{version[0]}.{version[1]} {self.status} {self.reason}"]
+        append = lines.append
+        for name, value in headers.items():
+            if "\r" in value or "\n" in value or "\r" in name or "\n" in name:
+                raise ValueError(f"header {name!r} has a line break in it")
+            append(f"{name}: {value}")
+        if "Content-Length" not in headers:
+            append(f"Content-Length: {len(body)}")
+        if body and "Content-Type" not in headers:
+            append("Content-Type: application/octet-stream")
+        if "Date" not in headers:
+            append(f"Date: {rfc822_formatted_time()}")
+        if "Server" not in headers:
+            append(f"Server: {SERVER_SOFTWARE}")
+        if "Connection" not in headers:
+            if keep_alive:
+                if version == HttpVersion10:
+                    append("Connection: keep-alive")
+            elif version == HttpVersion11:
+                append("Connection: close")
+        append("\r\n")
+        transport.write("\r\n".join(lines).encode("utf-8") + body)
+        self._eof_sent = True
+        self._body_length = len(body)
+
+
 async def relay(request: web.BaseRequest, reply: Reply, exchange: Exchange) -> web.StreamResponse:
     """Send `reply` to the client and return the (finished or prepared) response.
 
@@ -45,6 +111,8 @@ async def relay(request: web.BaseRequest, reply: Reply, exchange: Exchange) -> w
     chunks = reply.chunks
     if chunks is None:
         exchange.facts["bytes_out"] = len(reply.body)
+        if WholeResponse.fits(request.method, reply.status, headers):
+            return WholeResponse(reply.status, headers, reply.body)
         return web.Response(status=reply.status, body=reply.body, headers=headers)
 
     headers["X-Accel-Buffering"] = "no"

@@ -1,0 +1,229 @@
+"""Whole answers written in one buffer (relay.WholeResponse) say what aiohttp's Response says.
+
+The relay writes a plain answer's status line, headers and body itself; these
+tests hold it to aiohttp's own framing: the same headers for every HTTP version
+and Connection header, keep-alive kept or ended the same way, the fallbacks
+for HEAD and bodiless statuses, and no header injection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator
+from typing import Any, ClassVar
+
+import orjson
+import pytest
+from aiohttp import web
+from aiohttp.http import HttpVersion, HttpVersion10, HttpVersion11
+from multidict import CIMultiDict
+
+from sidecar.app import Sidecar
+from sidecar.chain import Next, PolicyContext
+from sidecar.exchange import Exchange, Reply
+from sidecar.relay import WholeResponse
+from tests.conftest import SidecarFactory
+from tests.fake_ollama import FakeOllama
+
+CHAT = orjson.dumps(
+    {"model": "llama3.2:latest", "messages": [{"role": "user", "content": "hi"}], "stream": False}
+)
+
+
+async def exchange_raw(sidecar: Sidecar, request: bytes, *, closes: bool) -> bytes:
+    """One request's raw answer; read to the end when the sidecar is to close the connection."""
+    host, port = sidecar.url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(request)
+        async with asyncio.timeout(10):
+            if closes:
+                return await reader.read(-1)
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(headers_of(head)["content-length"])
+            body = await reader.readexactly(length)
+            # Still open: a second request on the same connection is answered.
+            writer.write(request)
+            again = await reader.readuntil(b"\r\n\r\n")
+            assert again.startswith(head.split(b" ", 1)[0])
+            return head + body
+    finally:
+        writer.close()
+
+
+def headers_of(head: bytes) -> dict[str, str]:
+    lines = head.decode().split("\r\n")[1:]
+    return {
+        name.lower(): value.strip()
+        for name, _, value in (line.partition(":") for line in lines if line)
+    }
+
+
+def post(version: str, connection: str | None) -> bytes:
+    extra = f"Connection: {connection}\r\n" if connection else ""
+    return (
+        f"POST /api/chat HTTP/{version}\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"{extra}Content-Length: {len(CHAT)}\r\n\r\n"
+    ).encode() + CHAT
+
+
+@pytest.mark.parametrize(
+    ("version", "connection", "closes", "answer_connection"),
+    [
+        ("1.1", None, False, None),
+        ("1.1", "close", True, "close"),
+        ("1.0", None, True, None),
+        ("1.0", "keep-alive", False, "keep-alive"),
+    ],
+)
+async def test_keep_alive_and_framing_are_aiohttps(
+    sidecar: Sidecar,
+    version: str,
+    connection: str | None,
+    closes: bool,
+    answer_connection: str | None,
+) -> None:
+    answer = await exchange_raw(sidecar, post(version, connection), closes=closes)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(f"HTTP/{version} 200 OK\r\n".encode())
+    headers = headers_of(head + b"\r\n")
+    assert int(headers["content-length"]) == len(body)
+    assert orjson.loads(body)["done"] is True
+    assert headers["content-type"].startswith("application/json")
+    assert headers["server"].startswith("Python/") and "aiohttp/" in headers["server"]
+    assert headers["date"].endswith(" GMT")
+    assert headers.get("connection") == answer_connection
+    assert "transfer-encoding" not in headers
+    assert "x-request-id" in headers
+
+
+class _Request:
+    """What WholeResponse.prepare reads of a request, with a transport that keeps the bytes."""
+
+    method = "POST"
+
+    def __init__(self, version: HttpVersion, keep_alive: bool) -> None:
+        self.version = version
+        self.keep_alive = keep_alive
+        self.written = b""
+        self.transport = self
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def is_closing(self) -> bool:
+        return False
+
+
+class _Writer:
+    """aiohttp's payload writer's part in web.Response, keeping the bytes it would send."""
+
+    def __init__(self) -> None:
+        self.written = b""
+        self.buffer_size = 0
+        self.output_size = 0
+        self.length: int | None = None
+
+    def enable_chunking(self) -> None:
+        raise AssertionError("a whole answer is never chunked")
+
+    async def write_headers(self, status_line: str, headers: CIMultiDict[str]) -> None:
+        self.written += (
+            status_line + "\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+        ).encode()
+
+    def send_headers(self) -> None:
+        pass
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        self.written += data
+
+
+@pytest.mark.parametrize("version", [HttpVersion11, HttpVersion10])
+@pytest.mark.parametrize("keep_alive", [True, False])
+@pytest.mark.parametrize(
+    ("status", "headers", "body"),
+    [
+        (200, {"Content-Type": "application/json; charset=utf-8"}, b'{"a":1}'),
+        (404, {"Content-Type": "application/json", "X-Request-ID": "r1"}, b'{"error":"x"}'),
+        (200, {}, b"raw bytes"),
+        (200, {"Content-Length": "2", "Date": "Tue, 01 Jan 2030 00:00:00 GMT"}, b"{}"),
+        (503, {"Retry-After": "1", "Connection": "close"}, b"busy"),
+        (200, {"Content-Type": "text/plain"}, b""),
+    ],
+)
+async def test_the_bytes_are_web_responses_bytes(
+    monkeypatch: pytest.MonkeyPatch,
+    version: HttpVersion,
+    keep_alive: bool,
+    status: int,
+    headers: dict[str, str],
+    body: bytes,
+) -> None:
+    monkeypatch.setattr("aiohttp.web_response.rfc822_formatted_time", lambda: "NOW")
+    monkeypatch.setattr("sidecar.relay.rfc822_formatted_time", lambda: "NOW")
+    ours = _Request(version, keep_alive)
+    assert WholeResponse.fits("POST", status, CIMultiDict(headers))
+    whole = WholeResponse(status, CIMultiDict(headers), body)
+    await whole.prepare(ours)  # type: ignore[arg-type]
+    await whole.write_eof()
+    theirs = _Request(version, keep_alive)
+    writer = _Writer()
+    request: Any = theirs
+    request._payload_writer = writer
+    request._prepare_hook = _no_hook
+    reference = web.Response(status=status, body=body, headers=CIMultiDict(headers))
+    await reference.prepare(request)
+    await reference.write_eof()
+    assert _lines(ours.written) == _lines(writer.written)
+    assert whole.keep_alive == reference.keep_alive
+
+
+async def _no_hook(response: web.StreamResponse) -> None:
+    return None
+
+
+def _lines(raw: bytes) -> tuple[bytes, set[bytes], bytes]:
+    """Status line, the set of header lines (their order is free), body."""
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status, *headers = head.split(b"\r\n")
+    return status, set(headers), body
+
+
+def test_bodiless_answers_and_head_go_through_aiohttp() -> None:
+    plain = CIMultiDict({"Content-Type": "application/json"})
+    assert not WholeResponse.fits("HEAD", 200, plain)
+    assert not WholeResponse.fits("GET", 204, plain)
+    assert not WholeResponse.fits("GET", 304, plain)
+    assert not WholeResponse.fits("GET", 101, plain)
+    assert not WholeResponse.fits("GET", 200, CIMultiDict({"Transfer-Encoding": "chunked"}))
+
+
+@dataclasses.dataclass(frozen=True)
+class _NoOptions:
+    pass
+
+
+class InjectsAHeader:
+    """A (broken) policy that puts a line break into a response header."""
+
+    config_model: ClassVar[type[Any]] = _NoOptions
+
+    def __init__(self, config: Any, context: PolicyContext) -> None:
+        pass
+
+    async def __call__(self, exchange: Exchange, call_next: Next) -> Reply:
+        exchange.response_headers["X-Evil"] = "a\r\nSet-Cookie: stolen=1"
+        return await call_next(exchange)
+
+
+@pytest.fixture
+async def injecting(make_sidecar: SidecarFactory, fake: FakeOllama) -> AsyncIterator[Sidecar]:
+    yield await make_sidecar([{"tests.test_whole_response:InjectsAHeader": {}}])
+
+
+async def test_a_line_break_in_a_header_never_reaches_the_client(injecting: Sidecar) -> None:
+    answer = await exchange_raw(injecting, post("1.1", "close"), closes=True)
+    assert b"stolen" not in answer
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 500")
