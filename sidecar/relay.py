@@ -13,7 +13,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 from aiohttp.helpers import rfc822_formatted_time
-from aiohttp.http import SERVER_SOFTWARE, HttpVersion10, HttpVersion11
+from aiohttp.http import SERVER_SOFTWARE, HttpVersion, HttpVersion10, HttpVersion11
 from multidict import CIMultiDict
 
 from sidecar.errors import StreamInterrupted, stream_error_event
@@ -70,33 +70,133 @@ class WholeResponse(web.StreamResponse):
         keep_alive = self._keep_alive
         if keep_alive is None:
             keep_alive = self._keep_alive = request.keep_alive
-        version = request.version
-        headers = self._headers
         body = self._whole
-        lines = [f"HTTP/{version[0]}.{version[1]} {self.status} {self.reason}"]
-        append = lines.append
-        for name, value in headers.items():
-            if "\r" in value or "\n" in value or "\r" in name or "\n" in name:
-                raise ValueError(f"header {name!r} has a line break in it")
-            append(f"{name}: {value}")
+        head = _head(request.version, self.status, self.reason, self._headers, keep_alive, body)
+        transport.write(head + body)
+        self._eof_sent = True
+        self._body_length = len(body)
+
+
+class StreamedResponse(web.StreamResponse):
+    """A relayed stream whose head goes out with its first chunk, in one write, framed here.
+
+    aiohttp's StreamResponse sends the head at `prepare` (or buffers it in its
+    payload writer) and goes through two coroutines and several calls per
+    write; the relay frames its chunks itself anyway. HTTP/1.1 clients get
+    chunked encoding; HTTP/1.0 clients get the bytes until the connection
+    closes, as aiohttp does. Back-pressure is aiohttp's: `drain` waits while the
+    server's protocol has paused writing. Only where WholeResponse.fits (a
+    status with a body, no HEAD); elsewhere RelayedStream.
+    """
+
+    def __init__(self, status: int, headers: CIMultiDict[str]) -> None:
+        super().__init__(status=status)
+        self._headers = headers  # the reply's own, not copied
+        self._head: bytes | None = None  # serialized at prepare, written with the first bytes
+        self._transport: Any = None
+        self._writer: Any = None
+
+    async def prepare(self, request: web.BaseRequest) -> None:
+        if self._eof_sent or self._transport is not None:
+            return
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("Cannot write to closing transport")
+        if request.version >= HttpVersion11:
+            self._chunked = True
+            keep_alive = request.keep_alive if self._keep_alive is None else self._keep_alive
+        else:
+            keep_alive = False  # no length: the body ends when the connection does
+        self._keep_alive = keep_alive
+        self._head = _head(
+            request.version, self.status, self.reason, self._headers, keep_alive, None
+        )
+        self._transport = transport
+        # `prepared` and aiohttp's own checks read these; the writing is done here.
+        self._writer = self._payload_writer = request._payload_writer
+        self._req = request
+
+    def send_nowait(self, chunk: bytes) -> bool:
+        """Frame and write `chunk` (with the head, the first time); True if the client lags
+        (bytes wait in the socket buffer: `await drain()` before the next)."""
+        transport = self._transport
+        if transport.is_closing():
+            raise ConnectionResetError("the client closed the connection")
+        data = b"%x\r\n%b\r\n" % (len(chunk), chunk) if self._chunked else chunk
+        head = self._head
+        if head is not None:
+            self._head = None
+            data = head + data
+        transport.write(data)
+        return bool(transport.get_write_buffer_size())
+
+    async def drain(self) -> None:
+        """Wait while the server's protocol has paused writing (the client's buffer is full)."""
+        await self._writer.drain()
+
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
+        if data and self.send_nowait(bytes(data)):
+            await self.drain()
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        if self._eof_sent:
+            return
+        if data:
+            await self.write(data)
+        end = b"0\r\n\r\n" if self._chunked else b""
+        head = self._head
+        if head is not None:
+            self._head = None
+            end = head + end
+        if end:
+            transport = self._transport
+            if transport.is_closing():
+                raise ConnectionResetError("the client closed the connection")
+            transport.write(end)
+        self._eof_sent = True
+        self._req = None
+        await self.drain()
+        self._payload_writer = None
+
+
+def _head(
+    version: HttpVersion,
+    status: int,
+    reason: str,
+    headers: CIMultiDict[str],
+    keep_alive: bool,
+    body: bytes | None,
+) -> bytes:
+    """Status line and headers as aiohttp's Response writes them: Content-Length (a whole
+    `body`) or chunked (HTTP/1.1 stream), Content-Type, Date, Server, Connection."""
+    lines = [f"HTTP/{version[0]}.{version[1]} {status} {reason}"]
+    append = lines.append
+    for name, value in headers.items():
+        if "\r" in value or "\n" in value or "\r" in name or "\n" in name:
+            raise ValueError(f"header {name!r} has a line break in it")
+        append(f"{name}: {value}")
+    if body is None:
+        if version >= HttpVersion11:
+            append("Transfer-Encoding: chunked")
+        if "Content-Type" not in headers:
+            append("Content-Type: application/octet-stream")
+    else:
         if "Content-Length" not in headers:
             append(f"Content-Length: {len(body)}")
         if body and "Content-Type" not in headers:
             append("Content-Type: application/octet-stream")
-        if "Date" not in headers:
-            append(f"Date: {rfc822_formatted_time()}")
-        if "Server" not in headers:
-            append(f"Server: {SERVER_SOFTWARE}")
-        if "Connection" not in headers:
-            if keep_alive:
-                if version == HttpVersion10:
-                    append("Connection: keep-alive")
-            elif version == HttpVersion11:
-                append("Connection: close")
-        append("\r\n")
-        transport.write("\r\n".join(lines).encode("utf-8") + body)
-        self._eof_sent = True
-        self._body_length = len(body)
+    if "Date" not in headers:
+        append(f"Date: {rfc822_formatted_time()}")
+    if "Server" not in headers:
+        append(f"Server: {SERVER_SOFTWARE}")
+    if "Connection" not in headers:
+        if keep_alive:
+            if version == HttpVersion10:
+                append("Connection: keep-alive")
+        elif version == HttpVersion11:
+            append("Connection: close")
+    append("\r\n")
+    return "\r\n".join(lines).encode("utf-8")
 
 
 async def relay(request: web.BaseRequest, reply: Reply, exchange: Exchange) -> web.StreamResponse:
@@ -117,11 +217,15 @@ async def relay(request: web.BaseRequest, reply: Reply, exchange: Exchange) -> w
 
     headers["X-Accel-Buffering"] = "no"
     headers.setdefault("Cache-Control", "no-cache")
-    response = RelayedStream(status=reply.status, headers=headers)
-    if request.version >= (1, 1):
-        # Said outright (aiohttp would choose it anyway): the fast path below frames
-        # chunks itself and must know. HTTP/1.0 clients get the body until the close.
-        response.enable_chunked_encoding()
+    response: StreamedResponse | RelayedStream
+    if WholeResponse.fits(request.method, reply.status, headers):
+        response = StreamedResponse(reply.status, headers)
+    else:
+        response = RelayedStream(status=reply.status, headers=headers)
+        if request.version >= (1, 1):
+            # Said outright (aiohttp would choose it anyway): the fast path below frames
+            # chunks itself and must know. HTTP/1.0 clients get the body until the close.
+            response.enable_chunked_encoding()
     out = _Written()
     source: PushSource | None = None
     try:

@@ -1,4 +1,4 @@
-"""Whole answers written in one buffer (relay.WholeResponse) say what aiohttp's Response says.
+"""Answers the relay writes itself (WholeResponse, StreamedResponse) say what aiohttp's would.
 
 The relay writes a plain answer's status line, headers and body itself; these
 tests hold it to aiohttp's own framing: the same headers for every HTTP version
@@ -17,12 +17,13 @@ import orjson
 import pytest
 from aiohttp import web
 from aiohttp.http import HttpVersion, HttpVersion10, HttpVersion11
+from aiohttp.http_writer import StreamWriter
 from multidict import CIMultiDict
 
 from sidecar.app import Sidecar
 from sidecar.chain import Next, PolicyContext
 from sidecar.exchange import Exchange, Reply
-from sidecar.relay import WholeResponse
+from sidecar.relay import StreamedResponse, WholeResponse
 from tests.conftest import SidecarFactory
 from tests.fake_ollama import FakeOllama
 
@@ -227,3 +228,92 @@ async def test_a_line_break_in_a_header_never_reaches_the_client(injecting: Side
     answer = await exchange_raw(injecting, post("1.1", "close"), closes=True)
     assert b"stolen" not in answer
     assert answer == b"" or answer.startswith(b"HTTP/1.1 500")
+
+
+class _Transport:
+    """A transport that keeps what is written (for aiohttp's real StreamWriter too)."""
+
+    def __init__(self) -> None:
+        self.written = b""
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def writelines(self, pieces: list[bytes]) -> None:
+        self.written += b"".join(pieces)
+
+    def is_closing(self) -> bool:
+        return False
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+
+class _Protocol:
+    _paused = False
+
+    def __init__(self, transport: _Transport) -> None:
+        self.transport = transport
+
+
+class _StreamRequest:
+    method = "POST"
+
+    def __init__(self, version: HttpVersion, keep_alive: bool) -> None:
+        self.version = version
+        self.keep_alive = keep_alive
+        self.transport = _Transport()
+        self._payload_writer = StreamWriter(_Protocol(self.transport), asyncio.get_running_loop())  # type: ignore[arg-type]
+
+    async def _prepare_hook(self, response: web.StreamResponse) -> None:
+        return None
+
+
+@pytest.mark.parametrize("version", [HttpVersion11, HttpVersion10])
+@pytest.mark.parametrize("keep_alive", [True, False])
+@pytest.mark.parametrize("chunks", [[b"data: 1\n\n", b"data: [DONE]\n\n"], [b'{"a":1}\n'], []])
+async def test_a_stream_is_framed_as_aiohttps_stream_response(
+    monkeypatch: pytest.MonkeyPatch, version: HttpVersion, keep_alive: bool, chunks: list[bytes]
+) -> None:
+    monkeypatch.setattr("aiohttp.web_response.rfc822_formatted_time", lambda: "NOW")
+    monkeypatch.setattr("sidecar.relay.rfc822_formatted_time", lambda: "NOW")
+    headers = {"Content-Type": "text/event-stream", "X-Accel-Buffering": "no"}
+    ours: Any = _StreamRequest(version, keep_alive)
+    streamed = StreamedResponse(200, CIMultiDict(headers))
+    await streamed.prepare(ours)
+    for chunk in chunks:
+        await streamed.write(chunk)
+    await streamed.write_eof()
+    theirs: Any = _StreamRequest(version, keep_alive)
+    reference = web.StreamResponse(status=200, headers=CIMultiDict(headers))
+    if version >= HttpVersion11:
+        reference.enable_chunked_encoding()
+    await reference.prepare(theirs)
+    for chunk in chunks:
+        await reference.write(chunk)
+    await reference.write_eof()
+    assert _lines(ours.transport.written) == _lines(theirs.transport.written)
+    assert streamed.chunked == reference.chunked
+    if version >= HttpVersion11:
+        assert streamed.keep_alive == reference.keep_alive
+    else:
+        # No length and no chunking: the body ends with the connection, so it must
+        # close (aiohttp's StreamResponse leaves keep_alive set for an HTTP/1.0 client
+        # that asked for it, which would then wait for an end that never comes).
+        assert streamed.keep_alive is False
+
+
+async def test_an_http_1_0_keep_alive_client_gets_a_stream_that_ends_with_the_connection(
+    sidecar: Sidecar,
+) -> None:
+    stream = orjson.dumps({**orjson.loads(CHAT), "stream": True})
+    request = (
+        b"POST /api/chat HTTP/1.0\r\nHost: x\r\nConnection: keep-alive\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(stream)
+    ) + stream
+    answer = await exchange_raw(sidecar, request, closes=True)  # read(-1): ends at the close
+    head, _, body = answer.partition(b"\r\n\r\n")
+    headers = headers_of(head + b"\r\n")
+    assert "content-length" not in headers and "transfer-encoding" not in headers
+    assert headers.get("connection") is None
+    assert orjson.loads(body.splitlines()[-1])["done"] is True
