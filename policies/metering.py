@@ -63,7 +63,7 @@ from sidecar.errors import StreamInterrupted
 from sidecar.exchange import Exchange, Reply
 from sidecar.knobs import STRICT, ByteSize, Field
 from sidecar.ledger import UsageLedger, UsageRecord
-from sidecar.replies import PushSource, StreamEnd, Transform, WatchedChunks
+from sidecar.replies import Layer, PushSource, StreamEnd, WatchedChunks
 from sidecar.routes import GENERATION_ROUTES
 from sidecar.streams import LastNdjsonLine
 from sidecar.tokens import Encoding, TokenCounter, completion_text, prompt_tokens
@@ -463,15 +463,19 @@ class MeteredChunks(WatchedChunks):
             return read
         return sse.feed(read)
 
-    def push_pipeline(self) -> tuple[PushSource, list[Transform]] | None:
+    def _flush(self) -> bytes:
+        """An unfinished last event held back (stripping only), at a good end."""
+        return self._sse.finish() if self._sse is not None else b""
+
+    def push_pipeline(self) -> tuple[PushSource, list[Layer]] | None:
         # The scan runs the same in the source's callback (see sidecar/replies.py).
         if self._after is not None:
             return None
         below = super().push_pipeline()
         if below is None:
             return None
-        source, transforms = below
-        return source, [*transforms, self._transform]
+        source, layers = below
+        return source, [*layers, (self._transform, self._flush)]
 
 
 _MAX_ACCOUNTS = 4096

@@ -18,7 +18,7 @@ from multidict import CIMultiDict
 
 from sidecar.errors import StreamInterrupted, stream_error_event
 from sidecar.exchange import Exchange, Reply
-from sidecar.replies import PushSource, Transform, WatchedChunks
+from sidecar.replies import Layer, PushSource, WatchedChunks
 
 log = structlog.get_logger("sidecar.relay")
 
@@ -129,6 +129,24 @@ class StreamedResponse(web.StreamResponse):
             data = head + data
         transport.write(data)
         return bool(transport.get_write_buffer_size())
+
+    def end_nowait(self, rest: bytes = b"") -> None:
+        """Write `rest` and the end of the answer now (the stream ended well); write_eof
+        is then a no-op."""
+        if self._eof_sent:
+            return
+        end = b"0\r\n\r\n" if self._chunked else b""
+        if rest:
+            end = (b"%x\r\n%b\r\n" % (len(rest), rest) if self._chunked else rest) + end
+        head = self._head
+        if head is not None:
+            self._head = None
+            end = head + end
+        if end:
+            self._transport.write(end)
+        self._eof_sent = True
+        self._req = None
+        self._payload_writer = None
 
     async def drain(self) -> None:
         """Wait while the server's protocol has paused writing (the client's buffer is full)."""
@@ -255,8 +273,9 @@ async def relay(request: web.BaseRequest, reply: Reply, exchange: Exchange) -> w
                     # go to the client from the upstream's callback (PushSource).
                     pipeline = chunks.push_pipeline() if isinstance(chunks, WatchedChunks) else None
                     if pipeline is not None:
-                        source, transforms = pipeline
-                        source.push_to(_ClientSink(transport, chunked, transforms, out))
+                        source, layers = pipeline
+                        ender = response if isinstance(response, StreamedResponse) else None
+                        source.push_to(_ClientSink(transport, chunked, layers, out, ender))
         except StreamInterrupted as broken:
             exchange.facts["stream_error"] = broken.code
             await _write_error_event(response, reply, out, broken.message, broken.code, source)
@@ -322,19 +341,22 @@ class _Written:
 class _ClientSink:
     """The client's socket as a ChunkSink: the fast path above, run from the source's callback."""
 
-    __slots__ = ("_chunked", "_out", "_transforms", "_transport")
+    __slots__ = ("_chunked", "_ender", "_layers", "_out", "_transforms", "_transport")
 
     def __init__(
         self,
         transport: asyncio.Transport | asyncio.BaseTransport,
         chunked: bool,
-        transforms: list[Transform],
+        layers: list[Layer],
         out: _Written,
+        ender: StreamedResponse | None,
     ) -> None:
         self._transport: Any = transport
         self._chunked = chunked
-        self._transforms = transforms
+        self._layers = layers
+        self._transforms = [transform for transform, _ in layers]
         self._out = out
+        self._ender = ender
 
     def accepts(self) -> bool:
         # Nothing waiting in the socket buffer, and the client still there: otherwise the
@@ -351,3 +373,17 @@ class _ClientSink:
         out = self._out
         out.sent += len(chunk)
         out.last = chunk
+
+    def end(self) -> None:
+        # Only a response this module frames can be ended here; with any other the
+        # held-back bytes stay where they are, for the relay loop.
+        ender = self._ender
+        if ender is None or self._transport.is_closing():
+            return
+        rest = b""
+        for transform, flush in self._layers:
+            rest = (transform(rest) if rest else b"") + flush()
+        if rest:
+            self._out.sent += len(rest)
+            self._out.last = rest
+        ender.end_nowait(rest)

@@ -21,8 +21,11 @@ from sidecar.exchange import Reply
 
 StreamEnd = Literal["complete", "failed", "abandoned"]
 OnEnd = Callable[[StreamEnd, StreamInterrupted | None], None]
-# What a layer does to each chunk on the way out; b"" holds everything back for now.
+# What a layer does to each chunk on the way out (b"" holds everything back for now),
+# and what it still holds back when the stream ends well.
 Transform = Callable[[bytes], bytes]
+Flush = Callable[[], bytes]
+Layer = tuple[Transform, Flush]
 
 
 class ChunkSink(Protocol):
@@ -34,6 +37,11 @@ class ChunkSink(Protocol):
 
     def take(self, chunk: bytes) -> None:
         """Run the layers' transforms on `chunk` and write what is left."""
+        ...
+
+    def end(self) -> None:
+        """The stream ended well: write what the layers held back and the end of the
+        answer now, before the policies' end-of-stream bookkeeping runs."""
         ...
 
 
@@ -99,8 +107,8 @@ class WatchedChunks(AsyncGenerator[bytes, None]):
         assert self._first is None, "one chunk at a time"
         self._first = chunk
 
-    def push_pipeline(self) -> tuple[PushSource, list[Transform]] | None:
-        """The source under this stream and the transforms of the layers above it, innermost
+    def push_pipeline(self) -> tuple[PushSource, list[Layer]] | None:
+        """The source under this stream and the layers above it (transform, flush), innermost
         first, when every layer can run in a callback; None when one cannot (then chunks
         are read the usual way). Asked after the first chunk went out."""
         inner = self._inner

@@ -31,7 +31,7 @@ from sidecar.http1 import (
     encode_request,
 )
 from sidecar.observability import Metrics
-from sidecar.replies import ChunkSink, PushSource, StreamEnd, Transform, WatchedChunks
+from sidecar.replies import ChunkSink, Layer, PushSource, StreamEnd, WatchedChunks
 from sidecar.streams import end_check, stream_format_of
 
 log = structlog.get_logger("sidecar.upstream")
@@ -358,7 +358,7 @@ class UpstreamChunks(WatchedChunks):
             on_first()
         return chunk
 
-    def push_pipeline(self) -> tuple[PushSource, list[Transform]] | None:
+    def push_pipeline(self) -> tuple[PushSource, list[Layer]] | None:
         if self._first is not None or self._on_first is not None:
             return None
         return self, []
@@ -401,6 +401,10 @@ class UpstreamChunks(WatchedChunks):
                     "the upstream stream ended before its final event",
                     code="upstream_stream_incomplete",
                 )
+            if self._sink is not None:
+                # The client's answer ends now; the watchers' bookkeeping comes after.
+                sink, self._sink = self._sink, None
+                sink.end()
             raise StopAsyncIteration
         if self._check is not None:
             self._check.feed(chunk)

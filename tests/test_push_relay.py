@@ -195,3 +195,38 @@ async def test_a_failure_inside_the_hand_over_ends_the_stream_with_an_error_even
     fake.between_chunks = None
     async with http.post(f"{sidecar.url}/v1/chat/completions", json=CHAT) as response:
         assert response.status == 200
+
+
+async def test_the_answer_ends_before_the_policies_end_of_stream_bookkeeping(
+    make_sidecar: SidecarFactory,
+    fake: FakeOllama,
+    http: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The client's stream is complete (the last event and the terminating chunk are
+    # written) before metering records usage and the breaker counts a success.
+    order: list[str] = []
+    end_nowait = relay.StreamedResponse.end_nowait
+
+    def ending(self: relay.StreamedResponse, rest: bytes = b"") -> None:
+        order.append("answer ended")
+        end_nowait(self, rest)
+
+    record = Metering._record
+
+    def recording(self: Metering, *args: Any, **kwargs: Any) -> Any:
+        order.append("usage recorded")
+        return record(self, *args, **kwargs)
+
+    monkeypatch.setattr(relay.StreamedResponse, "end_nowait", ending)
+    monkeypatch.setattr(Metering, "_record", recording)
+    sidecar = await make_sidecar(DEFAULT_CHAIN)
+    received = gate_each_chunk_on_the_client(fake)
+    async with http.post(
+        f"{sidecar.url}/v1/chat/completions", json={**CHAT, "stream": True}
+    ) as response:
+        events = await read_events(response, received)
+    assert events[-1] == b"data: [DONE]"
+    assert order == ["answer ended", "usage recorded"]
+    totals = metering_of(sidecar).totals()["anonymous"][MODEL]
+    assert totals["completion_tokens"] == len(fake.chunks)
