@@ -34,7 +34,7 @@ from sidecar.exchange import Exchange, Reply
 from sidecar.knobs import STRICT, AfterValidator, Duration, Field
 from sidecar.observability import LATENCY_BUCKETS
 from sidecar.replies import watch_stream
-from sidecar.routes import GENERATION_ROUTES, ROUTE_NAMES
+from sidecar.routes import GENERATION_ROUTES, known_routes
 
 MODEL_ROUTES = GENERATION_ROUTES
 
@@ -47,16 +47,6 @@ SERVICE_TIME_WEIGHT = 0.2
 # Per-model state is kept for this many models per upstream before idle ones are dropped:
 # model names come from clients, so the set must stay bounded.
 MAX_TRACKED_MODELS = 256
-
-
-def _known_routes(value: tuple[str, ...]) -> tuple[str, ...]:
-    """`routes` as given, if each is a route the sidecar serves: a misspelt one would never wait."""
-    unknown = sorted(set(value) - set(ROUTE_NAMES))
-    if unknown:
-        raise ValueError(
-            f"unknown route(s) {', '.join(unknown)}; routes are: {', '.join(ROUTE_NAMES)}"
-        )
-    return value
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -103,7 +93,7 @@ class ConcurrencyConfig:
             min_length=1,
             description="Routes that take a slot; others (model lists, version) never wait.",
         ),
-        AfterValidator(_known_routes),
+        AfterValidator(known_routes),
     ] = MODEL_ROUTES
 
 

@@ -51,7 +51,7 @@ from sidecar.errors import SidecarError
 from sidecar.exchange import Exchange, Reply
 from sidecar.knobs import STRICT, AfterValidator, Field
 from sidecar.replies import StreamEnd, watch_stream
-from sidecar.routes import GENERATION_ROUTES, ROUTE_NAMES
+from sidecar.routes import GENERATION_ROUTES, known_routes
 from sidecar.stores import StoreUnavailable, TakeResult
 
 MODEL_ROUTES = GENERATION_ROUTES
@@ -65,16 +65,6 @@ Per = Literal["tenant", "model", "tenant_model", "global"]
 
 def _log() -> Any:
     return structlog.get_logger("sidecar.ratelimit")
-
-
-def _known_routes(value: tuple[str, ...]) -> tuple[str, ...]:
-    """Route names checked at start: a misspelt one would silently never be limited."""
-    unknown = sorted(set(value) - set(ROUTE_NAMES))
-    if unknown:
-        raise ValueError(
-            f"unknown route(s) {', '.join(unknown)}; routes are: {', '.join(ROUTE_NAMES)}"
-        )
-    return value
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -131,7 +121,7 @@ class RateLimitConfig:
     routes: Annotated[
         tuple[str, ...],
         Field(min_length=1, description="Routes that count against the limits."),
-        AfterValidator(_known_routes),
+        AfterValidator(known_routes),
     ] = MODEL_ROUTES
 
     def __post_init__(self) -> None:

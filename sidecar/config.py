@@ -25,7 +25,7 @@ from sidecar.knobs import (
     WithJsonSchema,
     validate,
 )
-from sidecar.routes import MANAGEMENT_NAMES, ROUTE_NAMES
+from sidecar.routes import MANAGEMENT_NAMES, known_routes
 
 
 def _upstream_url(value: str) -> str:
@@ -43,15 +43,6 @@ if TYPE_CHECKING:
 
 ManagementName = Literal["pull", "push", "create", "copy", "delete", "blobs"]
 assert set(MANAGEMENT_NAMES) == set(get_args(ManagementName)), "one list, two views"
-
-
-def _known_routes(value: dict[str, TimeoutOverrides]) -> dict[str, TimeoutOverrides]:
-    unknown = sorted(set(value) - set(ROUTE_NAMES))
-    if unknown:
-        raise ValueError(
-            f"unknown route(s) {', '.join(unknown)}; routes are: {', '.join(ROUTE_NAMES)}"
-        )
-    return value
 
 
 def _redis_url(value: str | None) -> str | None:
@@ -133,7 +124,7 @@ class UpstreamSettings:
     )
     route_timeouts: Annotated[
         dict[str, TimeoutOverrides],
-        AfterValidator(_known_routes),
+        AfterValidator(known_routes),
         Field(description="Timeouts for single routes, e.g. {/api/embed: {first_byte: 30s}}."),
     ] = field(default_factory=dict)
     max_connections: Annotated[

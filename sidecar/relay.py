@@ -161,20 +161,10 @@ class StreamedResponse(web.StreamResponse):
             return
         if data:
             await self.write(data)
-        end = b"0\r\n\r\n" if self._chunked else b""
-        head = self._head
-        if head is not None:
-            self._head = None
-            end = head + end
-        if end:
-            transport = self._transport
-            if transport.is_closing():
-                raise ConnectionResetError("the client closed the connection")
-            transport.write(end)
-        self._eof_sent = True
-        self._req = None
-        await self.drain()
-        self._payload_writer = None
+        if self._transport.is_closing():
+            raise ConnectionResetError("the client closed the connection")
+        self.end_nowait()
+        await self._writer.drain()
 
 
 def _head(

@@ -7,7 +7,9 @@ sneak past a block because no spelling of the client's is ever forwarded.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
+from typing import TypeVar
 from urllib.parse import quote, unquote
 
 from sidecar.errors import SidecarError
@@ -175,3 +177,17 @@ def check_access(match: Match, method: str, allowed_management: frozenset[str]) 
             code="method_not_allowed",
             headers={"Allow": allowed},
         )
+
+
+_NamesT = TypeVar("_NamesT", bound=Collection[str])
+
+
+def known_routes(names: _NamesT) -> _NamesT:
+    """`names` as given when each is a route the sidecar serves: a config check, since a
+    misspelt route in a list of routes would silently never apply."""
+    unknown = sorted(set(names) - set(ROUTE_NAMES))
+    if unknown:
+        raise ValueError(
+            f"unknown route(s) {', '.join(unknown)}; routes are: {', '.join(ROUTE_NAMES)}"
+        )
+    return names

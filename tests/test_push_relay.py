@@ -22,6 +22,7 @@ from sidecar import relay
 from sidecar.app import Sidecar
 from tests.conftest import SidecarFactory
 from tests.fake_ollama import FakeOllama
+from tests.test_metering import policy_of
 
 MODEL = "llama3.2:latest"
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi there"}]}
@@ -66,13 +67,16 @@ def without_time(line: bytes) -> dict[str, Any]:
     return document
 
 
-def metering_of(sidecar: Sidecar) -> Metering:
-    assert sidecar.runtime is not None
-    for name, policy in sidecar.runtime.policies:
-        if name == "metering":
-            assert isinstance(policy, Metering)
-            return policy
-    raise AssertionError("no metering policy")
+async def gated_stream(
+    http: aiohttp.ClientSession, sidecar: Sidecar, fake: FakeOllama
+) -> list[bytes]:
+    """A streamed chat through `sidecar`, each chunk gated on the client: its SSE events."""
+    received = gate_each_chunk_on_the_client(fake)
+    async with http.post(
+        f"{sidecar.url}/v1/chat/completions", json={**CHAT, "stream": True}
+    ) as response:
+        assert response.status == 200
+        return await read_events(response, received)
 
 
 async def read_events(
@@ -95,12 +99,7 @@ async def test_the_default_chain_pushes_every_chunk_after_the_first_and_meters_t
     make_sidecar: SidecarFactory, fake: FakeOllama, http: aiohttp.ClientSession, pushed: list[bytes]
 ) -> None:
     sidecar = await make_sidecar(DEFAULT_CHAIN)
-    received = gate_each_chunk_on_the_client(fake)
-    async with http.post(
-        f"{sidecar.url}/v1/chat/completions", json={**CHAT, "stream": True}
-    ) as response:
-        assert response.status == 200
-        events = await read_events(response, received)
+    events = await gated_stream(http, sidecar, fake)
     # What the client asked for and nothing else: every token, then [DONE]; the usage
     # event metering asked Ollama for is gone, whichever path each chunk took.
     assert events[-1] == b"data: [DONE]"
@@ -113,7 +112,7 @@ async def test_the_default_chain_pushes_every_chunk_after_the_first_and_meters_t
     # (as the upstream sent them; the usage event was among them).
     assert len(pushed) >= len(fake.chunks) - 1
     assert any(b'"usage"' in chunk for chunk in pushed)
-    totals = metering_of(sidecar).totals()["anonymous"][MODEL]
+    totals = policy_of(sidecar).totals()["anonymous"][MODEL]
     assert totals["completion_tokens"] == len(fake.chunks)
     assert not totals["estimated_requests"]
 
@@ -179,12 +178,7 @@ async def test_a_failure_inside_the_hand_over_ends_the_stream_with_an_error_even
         return transform(self, read)
 
     monkeypatch.setattr(MeteredChunks, "_transform", failing)
-    received = gate_each_chunk_on_the_client(fake)
-    async with http.post(
-        f"{sidecar.url}/v1/chat/completions", json={**CHAT, "stream": True}
-    ) as response:
-        assert response.status == 200
-        events = await read_events(response, received)
+    events = await gated_stream(http, sidecar, fake)
     # The client learns it from the stream's last event (never waits for more), ...
     error = orjson.loads(events[-1].removeprefix(b"data: "))["error"]
     assert error["code"] == "internal_error"
@@ -221,12 +215,8 @@ async def test_the_answer_ends_before_the_policies_end_of_stream_bookkeeping(
     monkeypatch.setattr(relay.StreamedResponse, "end_nowait", ending)
     monkeypatch.setattr(Metering, "_record", recording)
     sidecar = await make_sidecar(DEFAULT_CHAIN)
-    received = gate_each_chunk_on_the_client(fake)
-    async with http.post(
-        f"{sidecar.url}/v1/chat/completions", json={**CHAT, "stream": True}
-    ) as response:
-        events = await read_events(response, received)
+    events = await gated_stream(http, sidecar, fake)
     assert events[-1] == b"data: [DONE]"
     assert order == ["answer ended", "usage recorded"]
-    totals = metering_of(sidecar).totals()["anonymous"][MODEL]
+    totals = policy_of(sidecar).totals()["anonymous"][MODEL]
     assert totals["completion_tokens"] == len(fake.chunks)
