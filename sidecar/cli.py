@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import signal
 import sys
@@ -124,6 +125,7 @@ async def serve(
         )
         await sidecar.stop(grace=0)
         return 1
+    tune_garbage_collector()
     watcher = ConfigWatcher(sidecar, load, config_path)
     loop.add_signal_handler(signal.SIGHUP, watcher.trigger)
     watching = loop.create_task(watcher.run())
@@ -133,6 +135,23 @@ async def serve(
     await sidecar.stop()
     flush_logs()
     return 0
+
+
+def tune_garbage_collector() -> None:
+    """Fewer, cheaper collections for a server whose start-up objects live as long as it does.
+
+    Everything built by now (modules, settings, policies, pools) stays until the
+    process ends, so the collector need not walk it again (`gc.freeze`); and with
+    requests in flight by the dozen, the default threshold of 700 young objects
+    collected often and promoted request objects that die a moment later. In two
+    interleaved bench runs this took every policy on chat at c=50 from 1.55x to
+    1.41-1.42x the floor's CPU per request (default chain 0.79x -> 0.75x).
+    """
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, 10, 10)
+
+
+GC_YOUNG_THRESHOLD = 5000
 
 
 async def usage_command(config: str | None, tenant: str | None, period: str | None) -> int:
