@@ -435,7 +435,7 @@ class MeteredChunks(WatchedChunks):
                     try:
                         read = await inner.asend(None)
                     except (StopAsyncIteration, StreamInterrupted) as ending:
-                        rest = sse.finish() if sse is not None else b""
+                        rest = self._flush()
                         if not rest:
                             raise
                         self._after = ending  # after the held-back bytes went out

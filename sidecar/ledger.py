@@ -139,9 +139,9 @@ class UsageLedger:
         """Write what is pending now and wait until the store has it (shutdown, tests)."""
         if self._timer is not None:
             self._timer.cancel()
+            self._timer = None
         if self._pending:
             self._write_soon()
-        self._timer = None
         await self._store.flush()
 
 

@@ -1,5 +1,8 @@
 """Writes a Reply to the client: whole bodies at once, streams chunk by chunk.
 
+The bytes of an answer (status line, headers, chunk framing) are written here,
+the way aiohttp's own response classes write them; aiohttp runs the connection.
+
 Each chunk is written as it arrives and awaited (back-pressure), with nothing
 added, nothing buffered and no parsing. When the upstream breaks after the
 first byte the client gets an explicit error event, never a clean-looking end.
@@ -24,13 +27,11 @@ log = structlog.get_logger("sidecar.relay")
 
 
 class RelayedStream(web.StreamResponse):
-    """A streamed answer whose head goes out with its first chunk, in one write.
+    """aiohttp's streamed answer, for the streams StreamedResponse does not take
+    (HEAD, bodiless statuses): aiohttp knows to send no body there.
 
-    aiohttp's StreamResponse sends the head at `prepare`, on its own; the
-    sidecar prepares once the upstream answered, when the first chunk is
-    already there or follows at once (Ollama sends its head with the first
-    chunk too), so a separate write of the head is a syscall per stream for
-    nothing. A stream that ends with no chunk sends its head with the end.
+    Its head waits for the first chunk or the end rather than going out alone at
+    `prepare`.
     """
 
     _send_headers_immediately = False
@@ -71,7 +72,9 @@ class WholeResponse(web.StreamResponse):
         if keep_alive is None:
             keep_alive = self._keep_alive = request.keep_alive
         body = self._whole
-        head = _head(request.version, self.status, self.reason, self._headers, keep_alive, body)
+        head = _serialized_head(
+            request.version, self.status, self.reason, self._headers, keep_alive, body
+        )
         transport.write(head + body)
         self._eof_sent = True
         self._body_length = len(body)
@@ -108,7 +111,7 @@ class StreamedResponse(web.StreamResponse):
         else:
             keep_alive = False  # no length: the body ends when the connection does
         self._keep_alive = keep_alive
-        self._head = _head(
+        self._head = _serialized_head(
             request.version, self.status, self.reason, self._headers, keep_alive, None
         )
         self._transport = transport
@@ -122,7 +125,7 @@ class StreamedResponse(web.StreamResponse):
         transport = self._transport
         if transport.is_closing():
             raise ConnectionResetError("the client closed the connection")
-        data = b"%x\r\n%b\r\n" % (len(chunk), chunk) if self._chunked else chunk
+        data = _framed(chunk, self._chunked)
         head = self._head
         if head is not None:
             self._head = None
@@ -137,7 +140,7 @@ class StreamedResponse(web.StreamResponse):
             return
         end = b"0\r\n\r\n" if self._chunked else b""
         if rest:
-            end = (b"%x\r\n%b\r\n" % (len(rest), rest) if self._chunked else rest) + end
+            end = _framed(rest, self._chunked) + end
         head = self._head
         if head is not None:
             self._head = None
@@ -167,7 +170,12 @@ class StreamedResponse(web.StreamResponse):
         await self._writer.drain()
 
 
-def _head(
+def _framed(chunk: bytes, chunked: bool) -> bytes:
+    """`chunk` as one HTTP/1.1 chunk, or as it is for a body that ends with the connection."""
+    return b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk
+
+
+def _serialized_head(
     version: HttpVersion,
     status: int,
     reason: str,
@@ -251,7 +259,7 @@ async def relay(request: web.BaseRequest, reply: Reply, exchange: Exchange) -> w
                     # several calls per chunk, a fifth of what relaying a chunk costs.
                     if transport.is_closing():
                         raise ConnectionResetError("the client closed the connection")
-                    transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
+                    transport.write(_framed(chunk, chunked))
                 else:
                     # The first chunk (with the head), and any chunk for a client that
                     # reads slowly: aiohttp's path, with its back-pressure.
@@ -359,7 +367,7 @@ class _ClientSink:
             chunk = transform(chunk)
             if not chunk:
                 return
-        self._transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if self._chunked else chunk)
+        self._transport.write(_framed(chunk, self._chunked))
         out = self._out
         out.sent += len(chunk)
         out.last = chunk

@@ -30,19 +30,7 @@ class Option(NamedTuple):
 
 
 def options_of(model: type[Any]) -> list[Option]:
-    """The fields of a config model: a dataclass, or a plug-in's pydantic model."""
-    if not dataclasses.is_dataclass(model):
-        return [
-            Option(
-                name,
-                info.annotation,
-                tuple(info.metadata),
-                info.description,
-                info.is_required(),
-                None if info.is_required() else info.get_default(call_default_factory=True),
-            )
-            for name, info in model.model_fields.items()
-        ]
+    """The fields of a config dataclass (built-in policies and the settings)."""
     # Evaluating the string annotations turns knobs.Field into pydantic's FieldInfo.
     hints = get_type_hints(model, include_extras=True)
     options = []
@@ -167,6 +155,4 @@ def _default(option: Option) -> str:
     value = option.default
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         value = dataclasses.asdict(value)
-    elif hasattr(value, "model_dump"):
-        value = value.model_dump()
     return f"`{value!r}`".replace("|", "\\|")

@@ -374,8 +374,7 @@ class UpstreamChunks(WatchedChunks):
             return False  # buffered; the reader wakes and takes it the usual way
         if self._check is not None:
             self._check.feed(chunk)
-        # The reader is still waiting: each chunk moves its idle deadline on.
-        self._waiting.move(min(self._loop.time() + self._idle, self._deadline))
+        self._idle_from_now()  # the reader is still waiting: each chunk counts as activity
         try:
             sink.take(chunk)
         except BaseException as error:  # never into the protocol: the reader raises it
@@ -383,6 +382,10 @@ class UpstreamChunks(WatchedChunks):
             self._push_error = error
             self._connection.wake()
         return True
+
+    def _idle_from_now(self) -> None:
+        """The wait's deadline: `idle` from now, never past the total deadline."""
+        self._waiting.move(min(self._loop.time() + self._idle, self._deadline))
 
     def _must_wait(self) -> bool:
         connection = self._connection
@@ -415,7 +418,7 @@ class UpstreamChunks(WatchedChunks):
         loop = self._loop
         waiting = self._waiting
         connection = self._connection
-        waiting.move(min(loop.time() + self._idle, self._deadline))
+        self._idle_from_now()
         if self._sink is not None:
             connection.sink = self._pushed
         try:

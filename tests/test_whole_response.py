@@ -107,14 +107,7 @@ class _Request:
     def __init__(self, version: HttpVersion, keep_alive: bool) -> None:
         self.version = version
         self.keep_alive = keep_alive
-        self.written = b""
-        self.transport = self
-
-    def write(self, data: bytes) -> None:
-        self.written += data
-
-    def is_closing(self) -> bool:
-        return False
+        self.transport = _Transport()
 
 
 class _Writer:
@@ -177,7 +170,7 @@ async def test_the_bytes_are_web_responses_bytes(
     reference = web.Response(status=status, body=body, headers=CIMultiDict(headers))
     await reference.prepare(request)
     await reference.write_eof()
-    assert _lines(ours.written) == _lines(writer.written)
+    assert _lines(ours.transport.written) == _lines(writer.written)
     assert whole.keep_alive == reference.keep_alive
 
 
