@@ -268,10 +268,10 @@ class Sidecar:
                 started_at=loop_started,
             )
             reply = await runtime.chain(exchange)
-            response = await relay(request, reply, exchange)
+            response = await relay(request, reply, exchange, self.draining)
             status = 499 if exchange.facts.get("client_gone") else response.status
             if self.draining:
-                response.force_close()
+                response.force_close()  # draining began while the answer went out
             return response
         except SidecarError as error:
             status = error.status

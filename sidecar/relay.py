@@ -63,6 +63,10 @@ class WholeResponse(web.StreamResponse):
         self._whole = body
 
     async def prepare(self, request: web.BaseRequest) -> None:
+        self.send(request)
+
+    def send(self, request: web.BaseRequest) -> None:
+        """Write the whole answer now (once; later calls do nothing)."""
         if self._eof_sent:
             return
         transport = request.transport
@@ -215,8 +219,16 @@ def _serialized_head(
     return "\r\n".join(lines).encode("utf-8")
 
 
-async def relay(request: web.BaseRequest, reply: Reply, exchange: Exchange) -> web.StreamResponse:
+async def relay(
+    request: web.BaseRequest, reply: Reply, exchange: Exchange, closing: bool = False
+) -> web.StreamResponse:
     """Send `reply` to the client and return the (finished or prepared) response.
+
+    A whole answer is written here and now, not when aiohttp prepares the
+    returned response after the handler: the request's bookkeeping (metrics,
+    the access line) then runs after the client has its answer, not before.
+    `closing` (the sidecar is draining) ends the connection after the answer,
+    and says so in its `Connection` header.
 
     A client that goes away mid-stream is noted as `facts["client_gone"]`; the
     upstream stream is closed either way.
@@ -227,9 +239,21 @@ async def relay(request: web.BaseRequest, reply: Reply, exchange: Exchange) -> w
     chunks = reply.chunks
     if chunks is None:
         exchange.facts["bytes_out"] = len(reply.body)
-        if WholeResponse.fits(request.method, reply.status, headers):
-            return WholeResponse(reply.status, headers, reply.body)
-        return web.Response(status=reply.status, body=reply.body, headers=headers)
+        if not WholeResponse.fits(request.method, reply.status, headers):
+            plain = web.Response(status=reply.status, body=reply.body, headers=headers)
+            if closing:
+                plain.force_close()
+            return plain
+        whole = WholeResponse(reply.status, headers, reply.body)
+        if closing:
+            whole.force_close()
+        try:
+            whole.send(request)
+        except ConnectionError:
+            # Gone before its answer: aiohttp's own prepare meets the closed
+            # connection again and ends quietly, as with any answer.
+            exchange.facts["client_gone"] = True
+        return whole
 
     headers["X-Accel-Buffering"] = "no"
     headers.setdefault("Cache-Control", "no-cache")
@@ -242,6 +266,8 @@ async def relay(request: web.BaseRequest, reply: Reply, exchange: Exchange) -> w
             # Said outright (aiohttp would choose it anyway): the fast path below frames
             # chunks itself and must know. HTTP/1.0 clients get the body until the close.
             response.enable_chunked_encoding()
+    if closing:
+        response.force_close()
     out = _Written()
     source: PushSource | None = None
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import socket
 from collections.abc import AsyncIterator
 from typing import Any, ClassVar
 
@@ -310,3 +311,59 @@ async def test_an_http_1_0_keep_alive_client_gets_a_stream_that_ends_with_the_co
     assert "content-length" not in headers and "transfer-encoding" not in headers
     assert headers.get("connection") is None
     assert orjson.loads(body.splitlines()[-1])["done"] is True
+
+
+async def test_a_plain_answer_is_on_the_clients_socket_before_the_bookkeeping(
+    sidecar: Sidecar, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The request's metrics and access line run after the answer was written, so a
+    client (and its next request on the connection) does not wait for them."""
+    host, port = sidecar.url.removeprefix("http://").rsplit(":", 1)
+    client = socket.socket()
+    client.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(client, (host, int(port)))
+    seen_by_bookkeeping: list[bytes] = []
+    account = Sidecar._account
+
+    def peeking_account(self: Sidecar, *args: Any) -> None:
+        # What the client's socket holds already, without taking it.
+        try:
+            seen_by_bookkeeping.append(client.recv(1 << 16, socket.MSG_PEEK))
+        except BlockingIOError:
+            seen_by_bookkeeping.append(b"")
+        account(self, *args)
+
+    monkeypatch.setattr(Sidecar, "_account", peeking_account)
+    try:
+        await loop.sock_sendall(client, post("1.1", "close"))
+        answer = b""
+        async with asyncio.timeout(10):
+            while more := await loop.sock_recv(client, 1 << 16):
+                answer += more
+    finally:
+        client.close()
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert seen_by_bookkeeping == [answer]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_draining_sidecar_says_connection_close_in_the_answer(
+    sidecar: Sidecar, stream: bool
+) -> None:
+    """Once draining, an answer tells the client the connection ends with it (it then
+    does), rather than closing a connection the client was told it could reuse."""
+    sidecar.draining = True
+    body = orjson.dumps({**orjson.loads(CHAT), "stream": stream})
+    request = (
+        b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body)
+    ) + body
+    answer = await exchange_raw(sidecar, request, closes=True)  # read to the close
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert headers_of(head + b"\r\n")["connection"] == "close"
+    if stream:
+        assert rest.endswith(b"0\r\n\r\n")
+    else:
+        assert orjson.loads(rest)["done"] is True
