@@ -73,6 +73,24 @@ class Exchange:
         self._model_known = False
         self.body = orjson.dumps(document)
 
+    def add_json_field(self, name: str, value: Any) -> None:
+        """Add a top-level field the body does not have yet, without re-serialising it.
+
+        The field is written in just after the object's opening brace: a copy of
+        the bytes instead of a parse-and-dump of the whole body (a long chat
+        history or RAG prompt costs its size either way, but dumping costs far
+        more per byte). The field must be new: a JSON object with the same name
+        twice means what the last one says to some parsers and the first to others.
+        """
+        document = self.json
+        if not isinstance(document, dict) or name in document:
+            raise ValueError(f"the body is not a JSON object without {name!r}")
+        body = self.body
+        brace = body.index(b"{") + 1  # only JSON whitespace can come before it
+        added = orjson.dumps(name) + b":" + orjson.dumps(value) + (b"," if document else b"")
+        self.body = body[:brace] + added + body[brace:]
+        self._json = {name: value, **document}
+
     @property
     def model(self) -> str | None:
         """The `model` the client asked for, if the body names one as a string.

@@ -160,6 +160,59 @@ async def test_v1_stream_without_include_usage_hides_the_usage_but_meters_it(
     assert totals["estimated_requests"] == 0
 
 
+@pytest.mark.parametrize(
+    ("raw", "sent_options"),
+    [
+        # No stream_options: the field is written in, the client's bytes kept around it.
+        (
+            b'  {"model": "%s", "stream": true,\n "messages": [{"role": "user", "content": "hi"}]}',
+            None,
+        ),
+        (b'{"stream":true,"model":"%s","messages":[{"role":"user","content":"\u00e9"}]}', None),
+        # stream_options the client sent are kept, with include_usage turned on.
+        (
+            b'{"model":"%s","messages":[{"role":"user","content":"hi"}],"stream":true,"stream_options":{"include_usage":false,"x":1}}',
+            {"include_usage": True, "x": 1},
+        ),
+        (
+            b'{"model":"%s","messages":[{"role":"user","content":"hi"}],"stream":true,"stream_options":{}}',
+            {"include_usage": True},
+        ),
+        (
+            b'{"model":"%s","messages":[{"role":"user","content":"hi"}],"stream":true,"stream_options":null}',
+            {"include_usage": True},
+        ),
+    ],
+)
+async def test_v1_stream_asks_upstream_for_usage_keeping_the_clients_fields(
+    make_sidecar: SidecarFactory,
+    fake: FakeOllama,
+    http: aiohttp.ClientSession,
+    raw: bytes,
+    sent_options: dict[str, Any] | None,
+) -> None:
+    sidecar = await make_sidecar([{"metering": {}}])
+    body = raw % MODEL.encode()
+    headers = {"Content-Type": "application/json"}
+    async with http.post(
+        sidecar.url + "/v1/chat/completions", data=body, headers=headers
+    ) as response:
+        assert response.status == 200
+        assert b'"usage"' not in await response.read()
+    received = fake.requests[-1]
+    client = orjson.loads(body)
+    assert received.json == {
+        **client,
+        "stream_options": sent_options or {"include_usage": True},
+    }
+    if sent_options is None:
+        # Spliced, not re-serialised: the client's own bytes follow the added field.
+        brace = body.index(b"{") + 1
+        added = b'"stream_options":{"include_usage":true},'
+        assert received.body == body[:brace] + added + body[brace:]
+    assert policy_of(sidecar).totals()["anonymous"][MODEL]["estimated_requests"] == 0
+
+
 async def test_v1_stream_bytes_identical_apart_from_ids(
     make_sidecar: SidecarFactory, fake: FakeOllama, http: aiohttp.ClientSession
 ) -> None:
