@@ -342,8 +342,13 @@ def spawn(
     stdout: int | IO[Any] | None,
     stderr: int | IO[Any] | None,
     env: dict[str, str] | None = None,
+    cwd: Path = REPO,
 ) -> subprocess.Popen[bytes]:
-    """Start a process in its own session (so we can stop its whole group), pinned."""
+    """Start a process in its own session (so we can stop its whole group), pinned.
+
+    `cwd` is where `python -m sidecar` finds its code: another checkout runs that
+    checkout's sidecar (see --checkout).
+    """
     if core is not None:
         if shutil.which("taskset"):
             cmd = ["taskset", "-c", str(core), *cmd]  # taskset execs: same pid
@@ -355,7 +360,7 @@ def spawn(
 
             return subprocess.Popen(
                 cmd,
-                cwd=REPO,
+                cwd=cwd,
                 stdout=stdout,
                 stderr=stderr,
                 env=env,
@@ -363,7 +368,7 @@ def spawn(
                 preexec_fn=_pin,
             )
     return subprocess.Popen(
-        cmd, cwd=REPO, stdout=stdout, stderr=stderr, env=env, start_new_session=True
+        cmd, cwd=cwd, stdout=stdout, stderr=stderr, env=env, start_new_session=True
     )
 
 
@@ -555,6 +560,7 @@ class Target:
     proc: subprocess.Popen[bytes] | None = None
     pid: int = 0
     config: str | None = None
+    checkout: Path = REPO  # the source tree a sidecar target runs from
     skipped: str | None = None  # why it is not measured
     died: str | None = None
 
@@ -669,7 +675,8 @@ class Bench:
         self.targets.append(Target("direct", "direct", self.upstream_port, None, self.upstream.pid))
         self.targets.append(Target("floor", "floor"))
         for name, path in self.args.configs.items():
-            self.targets.append(Target(name, "sidecar", config=str(path)))
+            checkout = self.args.checkouts.get(name, REPO)
+            self.targets.append(Target(name, "sidecar", config=str(path), checkout=checkout))
         if self.args.litellm:
             self.targets.append(Target("litellm", "litellm", config=self.args.litellm))
         if wanted:
@@ -710,7 +717,9 @@ class Bench:
                 cmd = sidecar_cmd(Path(t.config), t.port, self.upstream_port)
                 # stdout (the JSON access log) and stderr go to /dev/null: writing the
                 # access line is part of the cost, reading it is not.
-                t.proc = spawn(cmd, self.core(PROXY_CORE), self._devnull, self._devnull)
+                t.proc = spawn(
+                    cmd, self.core(PROXY_CORE), self._devnull, self._devnull, cwd=t.checkout
+                )
                 why = wait_ready(t.proc, t.port, "/healthz", self.args.start_timeout)
                 if why:
                     stop(t.proc)
@@ -1385,6 +1394,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="NAME=PATH",
         help="measure another sidecar config (repeatable)",
     )
+    p.add_argument(
+        "--checkout",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="run sidecar config NAME from the source tree DIR (e.g. a `git worktree` of the "
+        "commit before a change), to compare two versions of the code in one run",
+    )
     p.add_argument("--no-default-configs", action="store_true", help="only the --config ones")
     p.add_argument(
         "--targets", default="", help="comma list of target names to keep (direct is always kept)"
@@ -1516,6 +1533,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"--config name {name!r} is reserved")
         configs[name] = Path(path).resolve()
     a.configs = configs
+    a.checkouts = {}
+    for item in a.checkout:
+        name, sep, directory = item.partition("=")
+        if not sep or name not in configs:
+            p.error(f"--checkout wants NAME=DIR with NAME a sidecar config, got {item!r}")
+        if not (Path(directory) / "sidecar" / "__main__.py").is_file():
+            p.error(f"--checkout {name}: {directory} has no sidecar/__main__.py")
+        a.checkouts[name] = Path(directory).resolve()
     a.targets = {s.strip() for s in a.targets.split(",") if s.strip()}
     known_targets = {"direct", "floor", *configs, *(["litellm"] if a.litellm else [])}
     unknown = a.targets - known_targets
