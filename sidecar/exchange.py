@@ -88,7 +88,7 @@ class Exchange:
         body = self.body
         brace = body.index(b"{") + 1  # only JSON whitespace can come before it
         added = orjson.dumps(name) + b":" + orjson.dumps(value) + (b"," if document else b"")
-        self.body = body[:brace] + added + body[brace:]
+        self.body = b"".join((body[:brace], added, memoryview(body)[brace:]))  # one copy
         self._json = {name: value, **document}
 
     @property
