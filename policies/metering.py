@@ -602,16 +602,17 @@ class Metering:
             and self.config.stream_usage
             and isinstance(document, dict)
         ):
-            options = document.get("stream_options")
             if "stream_options" not in document:
                 # The common case: spliced into the bytes, not re-serialised.
                 exchange.add_json_field("stream_options", {"include_usage": True})
                 strip = True
-            elif not (isinstance(options, dict) and options.get("include_usage") is True):
-                options = dict(options) if isinstance(options, dict) else {}
-                options["include_usage"] = True
-                exchange.set_json({**document, "stream_options": options})
-                strip = True
+            else:
+                options = document["stream_options"]
+                if not (isinstance(options, dict) and options.get("include_usage") is True):
+                    options = dict(options) if isinstance(options, dict) else {}
+                    options["include_usage"] = True
+                    exchange.set_json({**document, "stream_options": options})
+                    strip = True
         reply = await call_next(exchange)
         if reply.status != 200:
             return reply

@@ -239,20 +239,20 @@ async def relay(
     chunks = reply.chunks
     if chunks is None:
         exchange.facts["bytes_out"] = len(reply.body)
-        if not WholeResponse.fits(request.method, reply.status, headers):
-            plain = web.Response(status=reply.status, body=reply.body, headers=headers)
-            if closing:
-                plain.force_close()
-            return plain
-        whole = WholeResponse(reply.status, headers, reply.body)
+        whole: web.StreamResponse
+        if WholeResponse.fits(request.method, reply.status, headers):
+            whole = WholeResponse(reply.status, headers, reply.body)
+        else:  # HEAD, bodiless statuses: aiohttp's own, written after the handler
+            whole = web.Response(status=reply.status, body=reply.body, headers=headers)
         if closing:
             whole.force_close()
-        try:
-            whole.send(request)
-        except ConnectionError:
-            # Gone before its answer: aiohttp's own prepare meets the closed
-            # connection again and ends quietly, as with any answer.
-            exchange.facts["client_gone"] = True
+        if isinstance(whole, WholeResponse):
+            try:
+                whole.send(request)
+            except ConnectionError:
+                # Gone before its answer: aiohttp's own prepare meets the closed
+                # connection again and ends quietly, as with any answer.
+                exchange.facts["client_gone"] = True
         return whole
 
     headers["X-Accel-Buffering"] = "no"

@@ -29,7 +29,7 @@ def exchange_with(body: bytes) -> Exchange:
     "body",
     [
         b"{}",
-        b" \\t\\r\\n{ }".replace(b"\\t", b"\t").replace(b"\\r", b"\r").replace(b"\\n", b"\n"),
+        b" \t\r\n{ }",
         b'{"model":"m"}',
         b'\n  {\n  "model": "m",\n  "messages": [{"role": "user", "content": "{\\"a\\": 1}"}]\n}\n',
         '{"model":"caf\u00e9 \u2603","n":1.5e3,"deep":{"a":[{"b":null}]}}'.encode(),
